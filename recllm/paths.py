@@ -1,0 +1,60 @@
+"""Where recllm keeps things: its data home, the bundled data, prompts, adapters and model caches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = PACKAGE_DIR.parent
+
+
+def home() -> Path:
+    """The data home: `$RECLLM_HOME`, else the user's data dir (`$XDG_DATA_HOME/recllm`)."""
+    env = os.environ.get("RECLLM_HOME")
+    if env:
+        path = Path(env).expanduser()
+    else:
+        base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+        path = Path(base) / "recllm"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def bundled_dir() -> Path:
+    """The MovieLens ml-latest-small copy shipped inside the package."""
+    return PACKAGE_DIR / "data" / "ml-latest-small"
+
+
+def prompts_dir() -> Path:
+    """Prompt templates: `$RECLLM_PROMPTS`, else `prompts/` next to the package (shipped with it)."""
+    env = os.environ.get("RECLLM_PROMPTS")
+    if env:
+        return Path(env)
+    for candidate in (PROJECT_DIR / "prompts", PACKAGE_DIR / "prompts"):
+        if candidate.is_dir():
+            return candidate
+    return PROJECT_DIR / "prompts"
+
+
+def adapters_dir() -> Path:
+    """Shipped LoRA adapters (`adapters/` at the project top level)."""
+    for candidate in (PROJECT_DIR / "adapters", PACKAGE_DIR / "adapters"):
+        if candidate.is_dir():
+            return candidate
+    return PROJECT_DIR / "adapters"
+
+
+def models_cache_dir() -> Path:
+    """Converted model weights: `$RECLLM_MODELS_CACHE`, else `<home>/models`."""
+    env = os.environ.get("RECLLM_MODELS_CACHE")
+    path = Path(env).expanduser() if env else home() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def retrievers_dir() -> Path:
+    """Fitted collaborative retrievers, one folder per catalog."""
+    path = home() / "retrievers"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
