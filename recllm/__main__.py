@@ -1,0 +1,7 @@
+"""`python -m recllm ...` runs the command line."""
+
+import sys
+
+from recllm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,326 @@
+"""The `recllm` command line.
+
+Each subcommand is one `add_<name>(subparsers)` function registering its parser and a `run_<name>(args)`
+handler; `SUBCOMMANDS` lists them, so a new command is one function plus one line. Handlers do the work
+through small functions that return plain rows (`recommend_rows`, `search_rows`) and leave printing to
+`print_rows`, so the work can move to `engine.Recommender` without touching parsing or output.
+Results go to stdout, notes and progress to stderr; a `RecllmError` becomes "error: <message>" on one
+line and exit status 1 (usage errors exit 2, from argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from functools import cached_property
+
+from recllm.errors import InputError, RecllmError
+
+DEMO_USERS = ("1", "2", "3")  # sample users of the bundled MovieLens for `recllm demo`
+
+
+# ---------------------------------------------------------------------------- shared state
+
+
+class Session:
+    """What a command needs, built lazily from its arguments (catalog, interactions, store, embedder)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    @cached_property
+    def catalog(self):
+        from recllm.catalog import load_catalog
+
+        return load_catalog(getattr(self.args, "catalog", None))
+
+    @cached_property
+    def interactions(self):
+        """The interactions file given, else the bundled ratings when the catalog is the bundled one."""
+        from recllm.catalog import load_interactions
+
+        path = getattr(self.args, "interactions", None)
+        if path is None and getattr(self.args, "catalog", None) is not None:
+            return None  # a custom catalog has no default interactions
+        return load_interactions(path)
+
+    @cached_property
+    def store(self):
+        from recllm.store import ItemStore
+
+        return ItemStore(chroma_url=getattr(self.args, "chroma_url", None))
+
+    @cached_property
+    def embedder(self):
+        from recllm.embed import get_embedder
+
+        return get_embedder()
+
+    def ensure_index(self) -> None:
+        """Index the catalog when its collection is missing or stale (a note on stderr)."""
+        if not self.store.is_current(self.catalog, self.embedder):
+            what = "changed or unfinished" if self.store.has(self.catalog) else "not indexed yet"
+            note(f"catalog {self.catalog.name} is {what}: indexing it first")
+            stats = self.store.index(self.catalog, self.embedder, progress=not getattr(self.args, "quiet", False))
+            note(stats.summary())
+
+    def retriever(self, with_interactions: bool = False):
+        from recllm.retrieve import Retriever
+
+        interactions = self.interactions if with_interactions else None
+        return Retriever(self.catalog, self.store, self.embedder, interactions)
+
+
+def note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- argument helpers
+
+
+def add_catalog_args(parser: argparse.ArgumentParser, interactions: bool = False) -> None:
+    parser.add_argument("--catalog", metavar="PATH", help="catalog CSV/JSONL or MovieLens folder "
+                        "(default: the bundled MovieLens ml-latest-small)")
+    if interactions:
+        parser.add_argument("--interactions", metavar="PATH", help="interactions CSV user_id,item_id,timestamp"
+                            " (default: the bundled ratings, with the bundled catalog only)")
+    parser.add_argument("--chroma-url", metavar="URL", help="a Chroma server, http://host:port "
+                        "(default: the embedded store under $RECLLM_HOME)")
+
+
+def add_filter_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--genre", action="append", default=[], metavar="G",
+                        help="only items of this genre (repeat or comma-separate for any of several)")
+    parser.add_argument("--not-genre", action="append", default=[], metavar="G", help="no items of this genre")
+    parser.add_argument("--years", metavar="RANGE", help="year range: 1990-1999, 1995, 1990- or -1999")
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON (a list of objects) instead of text")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+_YEARS_RE = re.compile(r"^\s*(\d{4})?\s*(-)?\s*(\d{4})?\s*$")
+
+
+def parse_years(text: str | None) -> tuple[int | None, int | None]:
+    """"1990-1999" → (1990, 1999); "1995" → (1995, 1995); "1990-" / "-1999" → open ends."""
+    if text is None:
+        return None, None
+    match = _YEARS_RE.match(text)
+    if not match or not (match.group(1) or match.group(3)) or (match.group(3) and match.group(1) and not match.group(2)):
+        raise InputError(f"bad --years {text!r}: expected YEAR, FROM-TO, FROM- or -TO (e.g. 1990-1999)")
+    low, dash, high = match.groups()
+    low = int(low) if low else None
+    high = int(high) if high else None
+    if not dash:
+        high = low
+    if low is not None and high is not None and low > high:
+        raise InputError(f"bad --years {text!r}: {low} is after {high}")
+    return low, high
+
+
+def _split_genres(values: list[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(g.strip() for value in values for g in value.split(",") if g.strip()))
+
+
+def filters_from_args(args: argparse.Namespace, catalog=None):
+    """`Filters` from --genre/--not-genre/--years; genres are checked against the catalog's genres."""
+    from recllm.retrieve import Filters
+
+    genres = _split_genres(getattr(args, "genre", []))
+    exclude = _split_genres(getattr(args, "not_genre", []))
+    if catalog is not None and (genres or exclude):
+        known = {g.lower(): g for item in catalog for g in item.genres}
+        bad = [g for g in genres + exclude if g.lower() not in known]
+        if bad:
+            listing = ", ".join(sorted(known.values())) or "none"
+            raise InputError(f"unknown genre {', '.join(map(repr, bad))} in catalog {catalog.name} (genres: {listing})")
+    year_min, year_max = parse_years(getattr(args, "years", None))
+    return Filters(genres=genres, exclude_genres=exclude, year_min=year_min, year_max=year_max)
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def print_rows(rows: list[dict], as_json: bool, file=None) -> None:
+    """Rows with item_id, title, score (and optionally explanation) as text lines or a JSON list."""
+    file = file or sys.stdout
+    if as_json:
+        json.dump(rows, file, ensure_ascii=False, indent=2)
+        file.write("\n")
+        return
+    if not rows:
+        print("(no items match)", file=file)
+        return
+    for rank, row in enumerate(rows, start=1):
+        print(f"{rank:>2}. {row['title']}  [id {row['item_id']}, score {row['score']:.3f}]", file=file)
+        if row.get("explanation"):
+            print(f"    {row['explanation']}", file=file)
+
+
+# ---------------------------------------------------------------------------- work
+
+
+def history_from_args(session: Session, user: str | None, history: str | None) -> list[str]:
+    """Item ids of --user or --history (unknown titles are noted and skipped)."""
+    retriever = session.retriever(with_interactions=user is not None)
+    if user is not None:
+        return retriever.user_history(user)
+    if history is None:
+        return []
+    refs = [ref.strip() for ref in history.split("|") if ref.strip()]
+    ids, unknown = retriever.resolve_history(refs)
+    if unknown:
+        note(f"skipped {len(unknown)} unknown item(s): {', '.join(map(repr, unknown))}")
+    return ids
+
+
+def recommend_rows(session: Session, *, user: str | None = None, history: str | None = None,
+                   query: str | None = None, k: int = 10, filters=None) -> list[dict]:
+    """The recommend work: rows of {item_id, title, score, signals}. (The engine takes over here later.)"""
+    ids = history_from_args(session, user, history)
+    session.ensure_index()
+    candidates = session.retriever().retrieve(history=ids, k=k, filters=filters, query=query)
+    return [c.to_dict() for c in candidates]
+
+
+def search_rows(session: Session, text: str, *, k: int = 10, filters=None) -> list[dict]:
+    session.ensure_index()
+    return [c.to_dict() for c in session.retriever().search(text, k=k, filters=filters)]
+
+
+# ---------------------------------------------------------------------------- subcommands
+
+
+def add_index(sub) -> None:
+    parser = sub.add_parser("index", help="embed the catalog into the item store (only new/changed items)")
+    add_catalog_args(parser)
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="items per embed+upsert batch")
+    add_output_args(parser)
+    parser.set_defaults(func=run_index)
+
+
+def run_index(args) -> int:
+    session = Session(args)
+    catalog = session.catalog  # validated before anything is written
+    stats = session.store.index(catalog, session.embedder, batch_size=args.batch_size, progress=not args.quiet)
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(stats)))
+    else:
+        print(stats.summary())
+    return 0
+
+
+def add_recommend(sub) -> None:
+    parser = sub.add_parser("recommend", help="recommend items for a user or a history")
+    who = parser.add_mutually_exclusive_group()
+    who.add_argument("--user", metavar="ID", help="a user id from the interactions")
+    who.add_argument("--history", metavar='"A|B|C"', help="item ids or titles, oldest first, separated by |")
+    parser.add_argument("--query", metavar="TEXT", help="what to look for, in words (blended with the history)")
+    parser.add_argument("-k", type=positive_int, default=10, help="how many items (default 10)")
+    add_filter_args(parser)
+    add_catalog_args(parser, interactions=True)
+    add_output_args(parser)
+    parser.set_defaults(func=run_recommend, parser=parser)
+
+
+def run_recommend(args) -> int:
+    if args.user is None and args.history is None and not args.query:
+        args.parser.error("one of --user, --history or --query is required")
+    session = Session(args)
+    filters = filters_from_args(args, session.catalog)
+    rows = recommend_rows(session, user=args.user, history=args.history, query=args.query, k=args.k,
+                          filters=filters)
+    print_rows(rows, args.json)
+    return 0
+
+
+def add_items(sub) -> None:
+    parser = sub.add_parser("items", help="look up catalog items")
+    items_sub = parser.add_subparsers(dest="items_command", metavar="COMMAND")
+    items_sub.required = True
+    search = items_sub.add_parser("search", help="items nearest to a text description")
+    search.add_argument("text", metavar="TEXT")
+    search.add_argument("-k", type=positive_int, default=10, help="how many items (default 10)")
+    add_filter_args(search)
+    add_catalog_args(search)
+    add_output_args(search)
+    search.set_defaults(func=run_items_search)
+
+
+def run_items_search(args) -> int:
+    session = Session(args)
+    filters = filters_from_args(args, session.catalog)
+    print_rows(search_rows(session, args.text, k=args.k, filters=filters), args.json)
+    return 0
+
+
+def add_demo(sub) -> None:
+    parser = sub.add_parser("demo", help="index the bundled catalog and recommend for three sample users")
+    parser.add_argument("-k", type=positive_int, default=5, help="items per user (default 5)")
+    parser.add_argument("--chroma-url", metavar="URL", help="a Chroma server, http://host:port")
+    parser.set_defaults(func=run_demo, catalog=None, interactions=None, json=False, quiet=False)
+
+
+def run_demo(args) -> int:
+    session = Session(args)
+    session.ensure_index()
+    for user in DEMO_USERS:
+        ids = session.retriever(with_interactions=True).user_history(user)
+        recent = ", ".join(session.catalog.get(i).label for i in ids[-3:])
+        print(f"user {user} ({len(ids)} items; latest: {recent})")
+        print_rows(recommend_rows(session, user=user, k=args.k), as_json=False)
+        print()
+    return 0
+
+
+SUBCOMMANDS = [add_index, add_recommend, add_items, add_demo]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from recllm import __version__
+
+    parser = argparse.ArgumentParser(prog="recllm", description="A conversational recommender (CLI).")
+    parser.add_argument("--version", action="version", version=f"recllm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except RecllmError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `recllm ... | head`: stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

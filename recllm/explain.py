@@ -1,0 +1,359 @@
+"""Grounded explanations: evidence from the user's own history, LLM phrasing, a validator, a plain fallback,
+and "why" answers built from a request's trace.
+
+Evidence for a recommended item = the `n` history items whose vectors are most similar to it (cosine) plus the
+genres/tags it shares with them. The LLM phrases one sentence from that evidence (prompts/explain.txt); the
+validator rejects text that is empty, degenerate (repetition), too long, or names a catalog title other than
+the recommended item and the evidence titles, and then the fallback sentence (prompts/explain_fallback*.txt)
+is used: it is built only from the evidence, so it never claims an item the user does not have.
+
+Title matching (`TitleMatcher`): words compared after removing accents and punctuation, at word boundaries,
+case-insensitive for titles of two or more words. A one-word title counts only when written with its own
+capitalisation ("Heat", not "the heat"), and one-word titles that are common English words ("It", "Her", "Up")
+or of one or two characters are not matched at all: otherwise almost any sentence would "name" a movie.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from recllm.prompts import join_and, load_prompt, sanitize
+
+if TYPE_CHECKING:  # pragma: no cover
+    from recllm.catalog import Item
+    from recllm.llm import LM
+
+EXPLAIN_VARIABLES = frozenset({"item", "liked", "shared"})
+MAX_SHARED = 3  # genres/tags named in an explanation
+# One-word titles that are ordinary words in a sentence: never treated as naming a title.
+STOPWORDS = frozenset("""
+a about after again against all am an and any are as at be because been before being below between both but by
+can did do does doing down during each few for from further had has have having he her here hers herself him
+himself his how i if in into is it its itself just me more most my myself no nor not now of off on once only or
+other our ours ourselves out over own same she should so some such than that the their theirs them themselves
+then there these they this those through to too under until up very was we were what when where which while who
+whom why will with you your yours yourself yourselves us one two three yes go run big new love life home
+""".split())
+
+
+@dataclass
+class ExplainConfig:
+    """Limits for LLM explanations."""
+
+    max_new_tokens: int = 48  # generation budget (one or two sentences)
+    max_chars: int = 280  # longer text is rejected
+    max_sentences: int = 2  # text is cut after this many sentences
+    title_chars: int = 60  # titles inserted into the prompt are cut to this
+    repetition_penalty: float = 1.2  # greedy decoding of small models loops without it
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Why an item fits: the most similar history items (id, title, cosine) and shared genres/tags."""
+
+    item_id: str
+    liked: tuple[tuple[str, str, float], ...] = ()  # (item_id, title, similarity), most similar first
+    shared: tuple[str, ...] = ()
+
+    @property
+    def titles(self) -> tuple[str, ...]:
+        return tuple(title for _, title, _ in self.liked)
+
+    def to_dict(self) -> dict:
+        return {"item_id": self.item_id, "shared": list(self.shared),
+                "liked": [{"item_id": i, "title": t, "similarity": round(s, 4)} for i, t, s in self.liked]}
+
+
+@dataclass
+class Explanation:
+    """An explanation: `source` is "llm" (validated model text) or "fallback" (plain sentence from evidence)."""
+
+    text: str
+    source: str
+    evidence: Evidence
+    rejected: str | None = None  # why the model's text was not used (None when it was, or no model)
+    draft: str | None = None  # the model's text when rejected
+    meta: dict = field(default_factory=dict)  # model / adapter / prompt sha256
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["evidence"] = self.evidence.to_dict()
+        return out
+
+
+def evidence(item: Item, history_items: Sequence[Item], history_vectors: np.ndarray | None,
+             item_vector: np.ndarray | None, n: int = 2, max_shared: int = MAX_SHARED) -> Evidence:
+    """The `n` history items most similar to `item` (cosine of the given vectors, > 0; ties: the more recent) and
+    the genres (then tags) `item` shares with them; when they share none, those most common in the history.
+
+    `history_items` and the rows of `history_vectors` are in the same (chronological) order. Without vectors
+    the most recent history items sharing a genre with `item` are used.
+    """
+    history = [h for h in history_items if h.item_id != item.item_id]
+    rows = [i for i, h in enumerate(history_items) if h.item_id != item.item_id]
+    if not history or n <= 0:
+        return Evidence(item.item_id, (), _shared(item, [], history, max_shared))
+    if history_vectors is not None and item_vector is not None and len(history_vectors):
+        vectors = np.asarray(history_vectors, dtype=np.float64)[rows]
+        target = np.asarray(item_vector, dtype=np.float64).reshape(-1)
+        norms = np.linalg.norm(vectors, axis=1) * (np.linalg.norm(target) or 1.0)
+        sims = vectors @ target / np.where(norms > 0, norms, 1.0)
+    else:
+        genres = set(item.genres)
+        sims = np.array([len(genres & set(h.genres)) / (len(genres) or 1) for h in history], dtype=np.float64)
+    order = [i for i in sorted(range(len(history)), key=lambda i: (-sims[i], -i)) if sims[i] > 0][:n]
+    chosen = [history[i] for i in order]
+    liked = tuple((h.item_id, h.title, float(sims[i])) for h, i in zip(chosen, order))
+    return Evidence(item.item_id, liked, _shared(item, chosen, history, max_shared))
+
+
+def _shared(item: Item, chosen: Sequence[Item], history: Sequence[Item], limit: int) -> tuple[str, ...]:
+    own = list(dict.fromkeys(list(item.genres) + list(item.tags)))
+    with_evidence = {x for h in chosen for x in (*h.genres, *h.tags)}
+    shared = [x for x in own if x in with_evidence]
+    if not shared and history:
+        counts = Counter(x for h in history for x in (*h.genres, *h.tags))
+        shared = sorted((x for x in own if counts[x]), key=lambda x: (-counts[x], own.index(x)))
+    return tuple(x for x in shared if x and x != "(no genres listed)")[:limit]
+
+
+# -- title matching and validation ---------------------------------------------------------------------------
+def _words(text: str) -> list[str]:
+    text = unicodedata.normalize("NFKD", text)
+    return re.findall(r"\w+", "".join(c for c in text if not unicodedata.combining(c)))
+
+
+class TitleMatcher:
+    """Finds catalog titles named in a text (see module doc for the matching rules)."""
+
+    def __init__(self, titles: Iterable[str]) -> None:
+        self._index: dict[str, list[tuple[tuple[str, ...], str]]] = {}
+        for title in dict.fromkeys(t for t in titles if t):
+            self.add(title)
+
+    def add(self, title: str) -> None:
+        words = _words(title)
+        key = tuple(w.lower() for w in words)
+        if not key or (len(key) == 1 and (len(key[0]) <= 2 or key[0] in STOPWORDS)):
+            return
+        bucket = self._index.setdefault(key[0], [])
+        if all(title != t for _, t in bucket):
+            bucket.append((key, title))
+            bucket.sort(key=lambda kt: -len(kt[0]))
+
+    def __contains__(self, title: str) -> bool:
+        key = tuple(w.lower() for w in _words(title))
+        return any(k == key for k, _ in self._index.get(key[0] if key else "", []))
+
+    def spans(self, text: str) -> list[tuple[int, int, str]]:
+        """(first word, end word, title) of every title occurrence in `text`."""
+        words = _words(text)
+        lower = [w.lower() for w in words]
+        found = []
+        for i, word in enumerate(lower):
+            for key, title in self._index.get(word, ()):
+                if tuple(lower[i:i + len(key)]) != key:
+                    continue
+                if len(key) == 1 and words[i] != _words(title)[0]:
+                    continue  # one-word titles only with their own capitalisation
+                found.append((i, i + len(key), title))
+        return found
+
+    def find(self, text: str) -> list[str]:
+        return list(dict.fromkeys(t for _, _, t in self.spans(text)))
+
+    def with_titles(self, titles: Iterable[str]) -> TitleMatcher:
+        """A copy that also knows `titles`."""
+        out = TitleMatcher([])
+        out._index = {k: list(v) for k, v in self._index.items()}
+        for title in titles:
+            out.add(title)
+        return out
+
+
+def named_titles_outside(text: str, allowed: Collection[str], matcher: TitleMatcher) -> list[str]:
+    """Titles `text` names that are not in `allowed` (a title inside an allowed one, e.g. "Toy Story" in
+    "Toy Story 2", does not count)."""
+    local = matcher.with_titles(allowed)
+    allowed_keys = {tuple(w.lower() for w in _words(t)) for t in allowed}
+    spans = local.spans(text)
+    allowed_spans = [(a, b) for a, b, t in spans if tuple(w.lower() for w in _words(t)) in allowed_keys]
+    bad = []
+    for a, b, title in spans:
+        if tuple(w.lower() for w in _words(title)) in allowed_keys:
+            continue
+        if any(x <= a and b <= y for x, y in allowed_spans):
+            continue
+        bad.append(title)
+    return list(dict.fromkeys(bad))
+
+
+def is_degenerate(text: str) -> bool:
+    """Repetition or junk: a repeated 4-word run, a word 3 times in a row, few distinct words, little text."""
+    words = [w.lower() for w in _words(text)]
+    letters = sum(c.isalpha() for c in text)
+    if not words or letters < 0.6 * len(text.replace(" ", "")):
+        return True
+    if any(words[i] == words[i + 1] == words[i + 2] for i in range(len(words) - 2)):
+        return True
+    grams = Counter(tuple(words[i:i + 4]) for i in range(len(words) - 3))
+    if grams and max(grams.values()) > 1:
+        return True
+    return len(words) >= 10 and len(set(words)) / len(words) < 0.5
+
+
+_SENTENCE_RE = re.compile(r"[^.!?]*[.!?]+(?:[\"')\]]+)?(?=\s|$)")
+
+
+def tidy(text: str, max_sentences: int = 2) -> tuple[str, bool]:
+    """(one-line text cut after `max_sentences` sentences, whether it ends a sentence)."""
+    text = sanitize(text)
+    sentences = _SENTENCE_RE.findall(text)
+    if not sentences:
+        return text, False
+    kept = "".join(sentences[:max_sentences]).strip()
+    return kept, True
+
+
+def validate(text: str, *, allowed: Collection[str], matcher: TitleMatcher | None,
+             max_chars: int = 280, complete: bool = True) -> str | None:
+    """Why `text` cannot be shown (None when it can): empty, degenerate, too long, or names another title."""
+    if len(_words(text)) < 3:
+        return "empty"
+    if len(text) > max_chars or not complete:
+        return "too long"
+    if is_degenerate(text):
+        return "degenerate"
+    if matcher is not None:
+        outside = named_titles_outside(text, allowed, matcher)
+        if outside:
+            return "names a title not in the evidence: " + ", ".join(outside[:3])
+    return None
+
+
+# -- the explainer -------------------------------------------------------------------------------------------
+def fallback_text(evidence: Evidence) -> str:
+    """The plain sentence built only from the evidence."""
+    liked = join_and([sanitize(t) for t in evidence.titles])
+    shared = ", ".join(sanitize(s) for s in evidence.shared)
+    if liked and shared:
+        return load_prompt("explain_fallback", {"liked", "shared"}).render(liked=liked, shared=shared)
+    if liked:
+        return load_prompt("explain_fallback_liked", {"liked"}).render(liked=liked)
+    if shared:
+        return load_prompt("explain_fallback_shared", {"shared"}).render(shared=shared)
+    return load_prompt("explain_fallback_none", set()).render()
+
+
+class Explainer:
+    """Phrases explanations with an LM (or only the fallback when `lm` is None) and validates them.
+
+    `titles`: every catalog title (or a ready `TitleMatcher`), for the validator; without it only emptiness,
+    repetition and length are checked.
+    """
+
+    def __init__(self, lm: LM | None, prompt: str = "explain", *,
+                 titles: Iterable[str] | TitleMatcher | None = None, config: ExplainConfig | None = None) -> None:
+        self.lm = lm
+        self.config = config or ExplainConfig()
+        self.prompt = load_prompt(prompt, EXPLAIN_VARIABLES)
+        self.matcher = titles if isinstance(titles, TitleMatcher) or titles is None else TitleMatcher(titles)
+
+    def describe(self) -> dict:
+        base = self.lm.describe() if self.lm is not None else {"model": None, "adapter": None}
+        return {**base, "prompt": self.prompt.name, "prompt_sha256": self.prompt.sha256}
+
+    def build_prompt(self, item: Item, evidence: Evidence) -> str:
+        chars = self.config.title_chars
+        values = {
+            "item": sanitize(item.title, chars),
+            "liked": join_and([sanitize(t, chars) for t in evidence.titles]) or "-",
+            "shared": ", ".join(sanitize(s, 40) for s in evidence.shared) or "-",
+        }
+        return self.lm.chat_text(self.prompt.messages(**values))
+
+    def stream(self, item: Item, evidence: Evidence) -> Iterator[str | Explanation]:
+        """Yield the model's text pieces as they come, then one final `Explanation`.
+
+        When the final explanation is a fallback, the streamed pieces were rejected: show `.text` instead.
+        """
+        meta = self.describe()
+        if self.lm is None:
+            yield Explanation(fallback_text(evidence), "fallback", evidence, meta=meta)
+            return
+        cfg = self.config
+        pieces = []
+        for piece in self.lm.stream(self.build_prompt(item, evidence), cfg.max_new_tokens,
+                                    stop=("\n",), repetition_penalty=cfg.repetition_penalty):
+            pieces.append(piece)
+            yield piece
+        draft = "".join(pieces)
+        text, complete = tidy(draft, cfg.max_sentences)
+        allowed = [item.title, item.label, *evidence.titles, *evidence.shared]  # genres may be titles too
+        problem = validate(text, allowed=allowed, matcher=self.matcher, max_chars=cfg.max_chars, complete=complete)
+        if problem is None:
+            yield Explanation(text, "llm", evidence, meta=meta)
+        else:
+            yield Explanation(fallback_text(evidence), "fallback", evidence, rejected=problem, draft=draft, meta=meta)
+
+    def explain(self, item: Item, evidence: Evidence) -> Explanation:
+        """The validated explanation (model text, or the fallback)."""
+        final = None
+        for final in self.stream(item, evidence):
+            pass
+        assert isinstance(final, Explanation)
+        return final
+
+
+# -- "why" answers -------------------------------------------------------------------------------------------
+def _fmt(value: Any) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return "-"
+    return "-" if math.isnan(number) else f"{number:.2f}"
+
+
+def why_answer(item_id: str, title: str, *, candidates: Sequence[dict], shown: int,
+               history_ids: Collection[str] = (), reason: str | None = None) -> str:
+    """Plain-text answer to "why (not) <title>?" from the facts of one request.
+
+    `candidates`: `rank.ranking_trace` rows, best first (every candidate that was ranked); `shown`: how many
+    of them were recommended; `history_ids`: the user's history used; `reason`: the item's explanation text.
+    """
+    name = sanitize(title)
+    if item_id in set(history_ids):
+        return load_prompt("why_in_history", {"title"}).render(title=name)
+    row = next((r for r in candidates if r.get("item_id") == item_id), None)
+    if row is None:
+        return load_prompt("why_not_candidate", {"title", "n_candidates"}).render(
+            title=name, n_candidates=len(candidates))
+    values = {"title": name, "rank": row.get("rank", candidates.index(row) + 1), "shown": shown,
+              "n_candidates": len(candidates), "llm_score": _fmt(row.get("llm_score")),
+              "retriever_score": _fmt(row.get("retriever_score")), "fused_score": _fmt(row.get("fused_score"))}
+    if int(values["rank"]) <= shown:
+        return " ".join(load_prompt("why").render(reason=sanitize(reason or ""), **values).split())
+    return load_prompt("why_not_recommended").render(**values)
+
+
+def why_from_trace(item_id: str, title: str, trace: dict) -> str:
+    """`why_answer` reading a trace dict with keys `candidates` (ranking_trace rows), `recommendations`
+    (list of dicts with `item_id` and optional `explanation` text or dict), optional `history` (item ids)."""
+    recs = trace.get("recommendations") or []
+    reason = None
+    for rec in recs:
+        if rec.get("item_id") == item_id:
+            exp = rec.get("explanation")
+            reason = exp.get("text") if isinstance(exp, dict) else exp
+    history = [h if isinstance(h, str) else h.get("item_id") for h in trace.get("history") or []]
+    return why_answer(item_id, title, candidates=trace.get("candidates") or [], shown=len(recs),
+                      history_ids=history, reason=reason)
+

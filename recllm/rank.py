@@ -1,0 +1,188 @@
+"""LLM ranking by verbalizer (LlamaRec): one forward pass scores up to 20 lettered candidates.
+
+The prompt (prompts/rank.txt) lists the user's history as numbered titles (the most recent `max_history`,
+oldest first) and the candidates as options (A)..(T), and ends with the answer prefix `Answer: (`. The score of
+candidate i is the next-token logit of its letter: nothing is generated or parsed, so the output is always a
+permutation of the candidates given.
+
+Fusion: `fused = w * z(llm) + (1 - w) * z(retriever)`, z = z-score over the candidates of one request
+(0 when all scores are equal). w comes from the `fusion_weight` argument, else the adapter's metadata, else
+`DEFAULT_FUSION_WEIGHT`. w = 1 ranks by the LLM alone, w = 0 keeps the retriever order. Ties keep the
+retriever order.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+
+from recllm.errors import AdapterError, InputError
+from recllm.llm import LETTERS
+from recllm.prompts import load_prompt, sanitize
+
+if TYPE_CHECKING:  # pragma: no cover
+    from recllm.llm import LM
+    from recllm.retrieve import Candidate
+
+DEFAULT_FUSION_WEIGHT = 0.5  # LLM share of the fused score when neither the caller nor the adapter sets one
+RANK_VARIABLES = frozenset({"history", "candidates"})
+_YEAR_RE = re.compile(r"\s*\(\d{4}\)\s*$")
+
+
+@dataclass
+class RankConfig:
+    """How rank prompts are built and run."""
+
+    max_history: int = 20  # most recent history titles shown to the model
+    max_candidates: int = 20  # candidates per prompt (letters A..T); more are cut, retriever order
+    title_chars: int = 40  # each title cut to this many characters (keeps a trailing "(1995)")
+    show_year: bool = False  # keep a trailing " (1995)": SmolLM2 spends 6 tokens on it (digits are single tokens)
+    batch_size: int = 8  # prompts per forward pass
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "batch_size"}
+
+
+class Ranked(NamedTuple):
+    """One ranked candidate: unpacks as `(candidate, llm_score, fused_score)`."""
+
+    candidate: Candidate
+    llm_score: float  # next-token logit of the candidate's letter
+    fused_score: float  # the order key (see module doc)
+
+
+def _config_from(values: dict) -> RankConfig:
+    known = {k: v for k, v in values.items() if k in RankConfig.__dataclass_fields__}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise AdapterError(f"Adapter rank_config has unknown keys {', '.join(unknown)}: update recllm or retrain")
+    return RankConfig(**known)
+
+
+def zscore(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """(x - mean) / std over one request; zeros when all values are equal; non-finite values count as the minimum."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return x
+    finite = np.isfinite(x)
+    if not finite.all():
+        x = np.where(finite, x, x[finite].min() if finite.any() else 0.0)
+    std = x.std()
+    return np.zeros_like(x) if std < 1e-12 else (x - x.mean()) / std
+
+
+def fuse(llm_scores: Sequence[float], retriever_scores: Sequence[float], weight: float) -> np.ndarray:
+    """`weight * z(llm) + (1 - weight) * z(retriever)`."""
+    if not 0.0 <= weight <= 1.0:
+        raise InputError(f"Fusion weight must be between 0 and 1, not {weight}")
+    return weight * zscore(llm_scores) + (1.0 - weight) * zscore(retriever_scores)
+
+
+class LLMRanker:
+    """Scores and orders retriever candidates with a causal LM (see module doc)."""
+
+    def __init__(self, lm: LM, prompt: str = "rank", fusion_weight: float | None = None,
+                 config: RankConfig | None = None) -> None:
+        self.lm = lm
+        meta = lm.adapter_metadata
+        if config is None and meta and meta.get("rank_config"):
+            config = _config_from(meta["rank_config"])  # prompts built exactly as in training
+        self.config = replace(config) if config else RankConfig()  # a copy: adapters may lower limits
+        self.prompt = load_prompt(prompt, RANK_VARIABLES)
+        if meta:
+            trained = meta.get("prompt", {}).get("name")
+            if trained != self.prompt.name:
+                raise AdapterError(f"Adapter {lm.adapter_id} was trained with prompt {trained!r}, "
+                                   f"not {self.prompt.name!r}: rank with --prompt {trained} or retrain it")
+            self.config.max_candidates = min(self.config.max_candidates, int(meta.get("max_candidates", 20)))
+        if fusion_weight is None:
+            fusion_weight = meta.get("fusion_weight") if meta else None
+        self.fusion_weight = DEFAULT_FUSION_WEIGHT if fusion_weight is None else float(fusion_weight)
+        if not 0.0 <= self.fusion_weight <= 1.0:
+            raise InputError(f"Fusion weight must be between 0 and 1, not {self.fusion_weight}")
+        if not 1 <= self.config.max_candidates <= len(LETTERS):
+            raise InputError(f"max_candidates must be between 1 and {len(LETTERS)}")
+        # Every letter must be one token right where the prompt ends (ModelError otherwise).
+        sample = self.build_prompt(["x"], ["y"])
+        self.letter_ids = lm.letter_token_ids(len(LETTERS), prefix=sample)
+
+    def describe(self) -> dict:
+        """For traces (and adapter metadata): model, adapter, device, prompt name + sha256, fusion weight,
+        prompt settings."""
+        return {**self.lm.describe(), "prompt": self.prompt.name, "prompt_sha256": self.prompt.sha256,
+                "fusion_weight": self.fusion_weight, "rank_config": self.config.to_dict()}
+
+    def build_prompt(self, history_titles: Sequence[str], candidate_titles: Sequence[str]) -> str:
+        """The exact text the model reads for one user (ends where the candidate letter is expected)."""
+        cfg = self.config
+        if not candidate_titles:
+            raise InputError("Nothing to rank: no candidates")
+        if len(candidate_titles) > cfg.max_candidates:
+            raise InputError(f"At most {cfg.max_candidates} candidates per prompt, got {len(candidate_titles)}")
+        history = list(history_titles)[-cfg.max_history:] if cfg.max_history > 0 else []
+        history_lines = "\n".join(f"{i}. {self._title(t)}" for i, t in enumerate(history, 1))
+        option_lines = "\n".join(f"({LETTERS[i]}) {self._title(t)}" for i, t in enumerate(candidate_titles))
+        messages = self.prompt.messages(history=history_lines or "-", candidates=option_lines)
+        return self.lm.chat_text(messages)
+
+    def _title(self, title: str) -> str:
+        if not self.config.show_year:
+            title = _YEAR_RE.sub("", str(title))
+        return sanitize(title, self.config.title_chars)
+
+    def score(self, requests: Sequence[tuple[Sequence[str], Sequence[str]]]) -> list[np.ndarray]:
+        """LLM scores per request `(history_titles, candidate_titles)`: float64 arrays, one per candidate.
+
+        All prompts go through the model in padded batches; an empty candidate list scores as an empty array.
+        """
+        prompts = [self.build_prompt(h, c) for h, c in requests if len(c)]
+        logits = self.lm.next_token_logits(prompts, batch_size=self.config.batch_size) if prompts else None
+        out, row = [], 0
+        for _, candidates in requests:
+            if not len(candidates):
+                out.append(np.zeros(0))
+                continue
+            ids = self.letter_ids[: len(candidates)]
+            out.append(logits[row, ids].double().numpy())
+            row += 1
+        return out
+
+    def rank_many(self, requests: Sequence[tuple[Sequence[str], Sequence[Candidate]]],
+                  fusion_weight: float | None = None) -> list[list[Ranked]]:
+        """`rank` for many users in batched forward passes."""
+        cut = [list(c)[: self.config.max_candidates] for _, c in requests]
+        scores = self.score([(h, [c.title for c in cands]) for (h, _), cands in zip(requests, cut)])
+        weight = self.fusion_weight if fusion_weight is None else fusion_weight
+        return [self.order(cands, s, weight) for cands, s in zip(cut, scores)]
+
+    def rank(self, history_titles: Sequence[str], candidates: Sequence[Candidate],
+             fusion_weight: float | None = None) -> list[Ranked]:
+        """Candidates (the first `max_candidates`, in retriever order) re-ordered by fused score, best first."""
+        return self.rank_many([(history_titles, candidates)], fusion_weight)[0]
+
+    @staticmethod
+    def order(candidates: Sequence[Candidate], llm_scores: np.ndarray, weight: float) -> list[Ranked]:
+        """Fuse and sort (stable: ties keep the given order)."""
+        fused = fuse(llm_scores, [c.score for c in candidates], weight)
+        order = sorted(range(len(candidates)), key=lambda i: (-fused[i], i))
+        return [Ranked(candidates[i], float(llm_scores[i]), float(fused[i])) for i in order]
+
+
+def ranking_trace(ranked: Sequence[Ranked], given: Sequence[Candidate] | None = None) -> list[dict]:
+    """Trace rows, best first: item_id, title, rank (1-based), letter shown to the model, retriever score,
+    signals, LLM score and fused score. `given` is the candidate list in prompt order (for the letters)."""
+    position = {c.item_id: i for i, c in enumerate(given or [r.candidate for r in ranked])}
+    rows = []
+    for rank, (cand, llm_score, fused) in enumerate(ranked, 1):
+        i = position.get(cand.item_id)
+        rows.append({
+            "item_id": cand.item_id, "title": cand.title, "rank": rank,
+            "letter": LETTERS[i] if i is not None and i < len(LETTERS) else None,
+            "retriever_score": float(cand.score), "signals": dict(cand.signals or {}),
+            "llm_score": llm_score, "fused_score": fused,
+        })
+    return rows

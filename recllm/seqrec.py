@@ -1,0 +1,508 @@
+"""Sequential collaborative encoder (SASRec-style) over item ids: model, training, checkpoint.
+
+The encoder maps a history (item ids, oldest first) to a user vector u; an item's score is exactly
+the dot product u . v with its item vector v (the output bias is folded in as the last coordinate:
+u = [h, 1], v = [e, b]), so a Chroma collection in inner-product space reproduces the ranking.
+
+Training: next-item prediction at every position with full-softmax cross-entropy over all items,
+on the train split only; early stopping on validation NDCG@10 after a minimum number of epochs.
+Checkpoint: `seq.safetensors` (weights) + `seq.json` (config, item ids, training log); no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from recllm.errors import ModelError
+
+WEIGHTS_FILE = "seq.safetensors"
+CONFIG_FILE = "seq.json"
+
+
+@dataclass
+class SeqConfig:
+    """Model and training settings. Defaults are the ones measured best on ml-latest-small."""
+
+    dim: int = 64  # embedding / hidden size
+    blocks: int = 2  # transformer blocks
+    heads: int = 1  # attention heads
+    max_len: int = 200  # most recent history items the encoder reads
+    dropout: float = 0.2  # on embeddings, attention and feed-forward
+    item_dropout: float = 0.0  # training only: chance an input item is replaced by padding
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    batch_size: int = 64  # training windows per step
+    max_epochs: int = 200  # hard cap on epochs
+    min_epochs: int = 20  # no early stop before this (validation dips early on)
+    patience: int = 20  # epochs without a better validation NDCG@10 before stopping
+    time_budget_s: float = 480.0  # stop training after this many seconds (best epoch is kept)
+    bias: bool = True  # per-item output bias (folded into the vectors as a last coordinate)
+    threads: int = 2  # torch CPU threads
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SeqConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelError(f"unknown sequential-encoder config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+class SASRec(nn.Module):
+    """Causal self-attention over item embeddings; item 0 is padding, item i+1 is catalog index i."""
+
+    def __init__(self, n_items: int, cfg: SeqConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_len, d)
+        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(_Block(d, cfg.heads, cfg.dropout) for _ in range(cfg.blocks))
+        self.norm = nn.LayerNorm(d)
+        self.out_bias = nn.Parameter(torch.zeros(n_items + 1)) if cfg.bias else None
+        nn.init.normal_(self.item_emb.weight, std=d**-0.5)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        """seq (B, T) left-padded item indices -> hidden states (B, T, d)."""
+        B, T = seq.shape
+        pos = torch.arange(self.cfg.max_len - T, self.cfg.max_len, device=seq.device)
+        x = self.item_emb(seq) * math.sqrt(self.cfg.dim) + self.pos_emb(pos)[None]
+        x = self.emb_drop(x)
+        valid = seq > 0  # (B, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=seq.device).tril()
+        eye = torch.eye(T, dtype=torch.bool, device=seq.device)
+        mask = causal[None] & (valid[:, None, :] | eye[None])  # (B, T, T); a pad query sees itself
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+    def item_matrix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N+1, d) output embeddings (shared with the input) and (N+1,) bias."""
+        w = self.item_emb.weight
+        b = self.out_bias if self.out_bias is not None else torch.zeros(w.shape[0])
+        return w, b
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., d) -> scores over items (..., N+1); column 0 (padding) is -inf."""
+        w, b = self.item_matrix()
+        out = h @ w.T + b
+        out[..., 0] = -torch.inf
+        return out
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(dropout), nn.Linear(d, d))
+        self.drop = nn.Dropout(dropout)
+        self.p = dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask[:, None], dropout_p=self.p if self.training else 0.0
+        )  # (B, H, T, d/H)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, d)))
+        return x + self.drop(self.ff(self.ln2(x)))
+
+
+# ---------------------------------------------------------------- batching
+
+
+def _left_pad(seqs: list[np.ndarray], length: int) -> np.ndarray:
+    """(B, length) int64, each sequence's last `length` items right-aligned, 0 = padding."""
+    out = np.zeros((len(seqs), length), dtype=np.int64)
+    for b, s in enumerate(seqs):
+        s = np.asarray(s[-length:], dtype=np.int64)
+        if len(s):
+            out[b, length - len(s) :] = s + 1
+    return out
+
+
+def _windows(seqs: list[np.ndarray], max_len: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Training windows of up to max_len+1 items covering each sequence once, randomly offset."""
+    out = []
+    for s in seqs:
+        if len(s) < 2:
+            continue
+        n = len(s)
+        end = n - int(rng.integers(0, max_len)) if n > max_len + 1 else n
+        ends = [n] + list(range(end, 1, -max_len)) if end != n else list(range(n, 1, -max_len))
+        for e in dict.fromkeys(ends):
+            out.append(s[max(0, e - max_len - 1) : e])
+    return out
+
+
+# ---------------------------------------------------------------- the encoder
+
+
+class SeqEncoder:
+    """A trained SASRec with its item ids: history (ids) -> user vector; item ids -> item vectors."""
+
+    def __init__(self, model: SASRec, item_ids: list[str], config: SeqConfig, info: dict | None = None):
+        self.model = model.eval()
+        self.item_ids = list(item_ids)
+        self.index = {item: i for i, item in enumerate(self.item_ids)}
+        self.config = config
+        self.info = dict(info or {})
+
+    @property
+    def dim(self) -> int:
+        """Length of user and item vectors (hidden size + 1 for the folded bias)."""
+        return self.config.dim + 1
+
+    def _encode_idx(self, histories: list[np.ndarray], batch: int = 512) -> np.ndarray:
+        torch.set_num_threads(max(1, min(self.config.threads, torch.get_num_threads())))
+        out = np.zeros((len(histories), self.dim), dtype=np.float32)
+        L = self.config.max_len
+        with torch.no_grad():
+            for lo in range(0, len(histories), batch):
+                chunk = histories[lo : lo + batch]
+                T = max(1, min(L, max(len(h) for h in chunk)))
+                seq = torch.from_numpy(_left_pad(chunk, T))
+                h = self.model(seq)[:, -1]  # (B, d)
+                out[lo : lo + len(chunk), :-1] = h.numpy()
+                out[lo : lo + len(chunk), -1] = 1.0
+        return out
+
+    def encode_users(self, histories: list[list[str]]) -> np.ndarray:
+        """(B, d+1) float32 user vectors; unknown item ids are skipped (an empty history is allowed)."""
+        idx = [np.array([self.index[i] for i in h if i in self.index], dtype=np.int64) for h in histories]
+        return self._encode_idx(idx)
+
+    def item_vectors(self) -> tuple[list[str], np.ndarray]:
+        """(item ids, (N, d+1) float32): score(user, item) = encode_users(...) @ item_vectors.T exactly."""
+        with torch.no_grad():
+            w, b = self.model.item_matrix()
+            vecs = torch.cat([w[1:], b[1:, None]], dim=1).numpy().astype(np.float32)
+        return list(self.item_ids), vecs
+
+    def scores_idx(self, histories: list[np.ndarray]) -> np.ndarray:
+        """(B, N) float32 scores over this encoder's items for histories given as item indices."""
+        _, items = self.item_vectors()
+        return self._encode_idx(histories) @ items.T
+
+    def save(self, directory: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE))
+        meta = {"format": 1, "config": asdict(self.config), "item_ids": self.item_ids, "info": self.info}
+        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "SeqEncoder":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / CONFIG_FILE).read_text())
+            state = load_file(str(directory / WEIGHTS_FILE))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{directory}: cannot load the sequential encoder ({exc})") from None
+        config = SeqConfig.from_dict(meta["config"])
+        model = SASRec(len(meta["item_ids"]), config)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ModelError(f"{directory}: weights do not match the config ({exc})") from None
+        return cls(model, meta["item_ids"], config, meta.get("info"))
+
+
+# ---------------------------------------------------------------- training
+
+
+def _ndcg10(scores: np.ndarray, histories: list[np.ndarray], targets: np.ndarray) -> float:
+    from recllm import metrics
+
+    scores = scores.copy()
+    for b, h in enumerate(histories):
+        scores[b, h] = -np.inf
+    return metrics.ndcg_at_k(metrics.rank_of_targets(scores, targets), 10)
+
+
+def train(
+    train_seqs: list[np.ndarray],
+    item_ids: list[str],
+    *,
+    valid_targets: np.ndarray | None = None,
+    config: SeqConfig | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> SeqEncoder:
+    """Fit on `train_seqs` (item indices into `item_ids`, oldest first).
+
+    With `valid_targets` (one per sequence, the item that follows it), validation NDCG@10 (history
+    excluded, all items ranked) is measured after each epoch; the best epoch's weights are kept and
+    training stops after `patience` epochs without improvement, never before `min_epochs`.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = config or SeqConfig()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    n = len(item_ids)
+    model = SASRec(n, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    enc = SeqEncoder(model, item_ids, cfg)
+    log: list[dict] = []
+    best, best_state, best_epoch, bad = -1.0, None, 0, 0
+    start = time.monotonic()
+    bar = tqdm(total=cfg.max_epochs, desc="seq encoder", unit="epoch", disable=not progress, file=sys.stderr)
+    for epoch in range(1, cfg.max_epochs + 1):
+        model.train()
+        wins = _windows(train_seqs, cfg.max_len, rng)
+        order = rng.permutation(len(wins))
+        total, count = 0.0, 0
+        for lo in range(0, len(order), cfg.batch_size):
+            batch = [wins[i] for i in order[lo : lo + cfg.batch_size]]
+            T = min(cfg.max_len + 1, max(len(w) for w in batch))
+            arr = torch.from_numpy(_left_pad(batch, T))
+            inp, tgt = arr[:, :-1], arr[:, 1:]
+            if cfg.item_dropout > 0:
+                drop = torch.rand(inp.shape) < cfg.item_dropout
+                inp = inp.masked_fill(drop, 0)
+            h = model(inp)
+            keep = tgt > 0
+            logits = model.logits(h[keep])
+            loss = F.cross_entropy(logits, tgt[keep], label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * int(keep.sum())
+            count += int(keep.sum())
+        entry = {"epoch": epoch, "loss": total / max(count, 1), "seconds": round(time.monotonic() - start, 1)}
+        if valid_targets is not None:
+            model.eval()
+            entry["valid_ndcg@10"] = _ndcg10(enc.scores_idx(train_seqs), train_seqs, valid_targets)
+            if entry["valid_ndcg@10"] > best:
+                best, best_epoch, bad = entry["valid_ndcg@10"], epoch, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad += 1
+        log.append(entry)
+        bar.update(1)
+        bar.set_postfix({k: round(v, 4) for k, v in entry.items() if k not in ("epoch", "seconds")})
+        if valid_targets is not None and epoch >= cfg.min_epochs and bad >= cfg.patience:
+            break
+        if time.monotonic() - start > cfg.time_budget_s:
+            break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    info = {
+        "seed": seed,
+        "epochs": len(log),
+        "best_epoch": best_epoch or len(log),
+        "best_valid_ndcg@10": best if best >= 0 else None,
+        "train_seconds": round(time.monotonic() - start, 1),
+        "log": log,
+    }
+    return SeqEncoder(model, item_ids, cfg, info)
+
+
+# ---------------------------------------------------------------- the fitted, fused retriever
+
+FUSION_FILE = "fusion.json"
+TRANSITIONS_FILE = "transitions.npz"
+CONTENT_FILE = "content.npy"
+SIGNALS = ("seq", "transition", "content", "popularity")
+
+
+class CollaborativeRetriever:
+    """A fitted retriever folder: sequential encoder + transition counts + popularity (+ content
+    vectors), fused with the weights chosen on validation.
+
+    Implements `recllm.retrieve.CollaborativeSignal` (`kind`, `user_vector`) for the Chroma path:
+    `item_vectors()` go into the `seq` collection and `user_vector(history)` queries it; the dot
+    product equals the `seq` signal exactly, and every item vector has the same norm, so a cosine
+    collection ranks exactly as an inner-product one. `signal_scores` + `signals.fuse` give the fused
+    score for any set of candidate items.
+    """
+
+    kind = "seq"
+
+    def __init__(self, encoder: SeqEncoder, transitions, popularity: np.ndarray, weights: dict[str, float],
+                 content: np.ndarray | None = None, meta: dict | None = None):
+        self.encoder = encoder
+        self.transitions = transitions
+        self.popularity = np.asarray(popularity, dtype=np.float64)
+        self.weights = dict(weights)
+        self.content = content
+        self.meta = dict(meta or {})
+        self.item_ids = encoder.item_ids
+        self.index = encoder.index
+        _, vecs = encoder.item_vectors()
+        norms = np.linalg.norm(vecs.astype(np.float64), axis=1)
+        self._max_norm = float(norms.max()) if len(norms) else 1.0
+        pad = np.sqrt(np.maximum(self._max_norm**2 - norms**2, 0.0))
+        self._item_vecs = np.concatenate([vecs, pad[:, None].astype(np.float32)], axis=1)
+
+    # --- Chroma path
+    def item_vectors(self) -> tuple[list[str], np.ndarray]:
+        """(item ids, (N, d+2) float32), all of norm `max_norm`; dot with `user_vector` = seq score."""
+        return list(self.item_ids), self._item_vecs.copy()
+
+    def user_vector(self, history: list[str]) -> np.ndarray | None:
+        """(d+2,) query vector for a history of item ids; None when no item of it is known."""
+        if not any(i in self.index for i in history):
+            return None
+        return self.user_vectors([history])[0]
+
+    def user_vectors(self, histories: list[list[str]]) -> np.ndarray:
+        u = self.encoder.encode_users(histories)
+        return np.concatenate([u, np.zeros((len(u), 1), dtype=np.float32)], axis=1)
+
+    # --- numpy path
+    def _idx(self, histories: list[list[str]]) -> list[np.ndarray]:
+        return [np.array([self.index[i] for i in h if i in self.index], dtype=np.int64) for h in histories]
+
+    def signal_scores_idx(self, histories: list[np.ndarray], signals=SIGNALS) -> dict[str, np.ndarray]:
+        """(B, N) float32 per signal over `item_ids`, histories given as item indices."""
+        from recllm.signals import content_user_vectors
+
+        out: dict[str, np.ndarray] = {}
+        if "seq" in signals:
+            out["seq"] = self.encoder.scores_idx(histories)
+        if "transition" in signals:
+            out["transition"] = np.log1p(self.transitions.scores(histories))
+        if "popularity" in signals:
+            out["popularity"] = np.broadcast_to(np.log1p(self.popularity).astype(np.float32),
+                                                (len(histories), len(self.item_ids))).copy()
+        if "content" in signals and self.content is not None:
+            u = content_user_vectors(histories, self.content, **self.meta.get("content_params", {}))
+            out["content"] = u @ self.content.T
+        return out
+
+    def signal_scores(self, histories: list[list[str]], signals=SIGNALS) -> dict[str, np.ndarray]:
+        """(B, N) per signal over `item_ids` for histories of item ids (unknown ids are skipped)."""
+        return self.signal_scores_idx(self._idx(histories), signals)
+
+    def scores_idx(self, histories: list[np.ndarray]) -> np.ndarray:
+        from recllm.signals import fuse
+
+        used = [n for n, w in self.weights.items() if w]
+        return fuse(self.signal_scores_idx(histories, used), self.weights)
+
+    def scores(self, histories: list[list[str]]) -> np.ndarray:
+        """(B, N) fused scores over `item_ids`."""
+        return self.scores_idx(self._idx(histories))
+
+    def rank(self, history: list[str], k: int = 20, exclude=()) -> list[tuple[str, float]]:
+        """Top-k (item id, fused score), best first, never an item of `history` or `exclude`."""
+        s = self.scores([history])[0]
+        drop = [self.index[i] for i in set(history) | set(exclude) if i in self.index]
+        s[drop] = -np.inf
+        order = np.argsort(-s, kind="stable")[:k]
+        return [(self.item_ids[i], float(s[i])) for i in order if np.isfinite(s[i])]
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        self.encoder.save(directory)
+        self.transitions.save(directory / TRANSITIONS_FILE)
+        if self.content is not None:
+            np.save(directory / CONTENT_FILE, self.content.astype(np.float32), allow_pickle=False)
+        meta = dict(self.meta, weights=self.weights, popularity=self.popularity.tolist(), format=1)
+        (directory / FUSION_FILE).write_text(json.dumps(meta, indent=1))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "CollaborativeRetriever":
+        from recllm.signals import Transitions
+
+        directory = Path(directory)
+        if not (directory / FUSION_FILE).is_file():
+            raise ModelError(f"{directory}: no fitted retriever here (run `recllm fit-retriever`)")
+        encoder = SeqEncoder.load(directory)
+        try:
+            meta = json.loads((directory / FUSION_FILE).read_text())
+            transitions = Transitions.load(directory / TRANSITIONS_FILE)
+            content = None
+            if (directory / CONTENT_FILE).is_file():
+                content = np.load(directory / CONTENT_FILE, allow_pickle=False)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"{directory}: cannot load the fitted retriever ({exc})") from None
+        weights = meta.pop("weights")
+        popularity = np.asarray(meta.pop("popularity"), dtype=np.float64)
+        return cls(encoder, transitions, popularity, weights, content, meta)
+
+
+def data_fingerprint(data) -> str:
+    """Hash of an EvalData's items, users and train/validation split (never the test items)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update("\n".join(data.item_ids).encode())
+    h.update("\n".join(data.user_ids).encode())
+    for seq in data.train:
+        h.update(np.asarray(seq, dtype=np.int64).tobytes())
+        h.update(b"|")
+    h.update(np.asarray(data.valid, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def fit_on_split(data, *, seed: int = 0, config: SeqConfig | None = None, content: np.ndarray | None = None,
+                 transition_config=None, progress: bool = True) -> CollaborativeRetriever:
+    """Fit every signal on `data.train` (an `evaluate.EvalData`) and choose fusion weights on validation."""
+    from recllm import metrics
+    from recllm.signals import TransitionConfig, Transitions, choose_weights, content_user_vectors, popularity
+
+    start = time.monotonic()
+    encoder = train(data.train, data.item_ids, valid_targets=data.valid, config=config, seed=seed, progress=progress)
+    tconf = transition_config or TransitionConfig(gaps=2, last=3, last_decay=0.7, normalize=False)
+    transitions = Transitions.fit(data.train, data.n_items, tconf)
+    pop = popularity(data.train, data.n_items)
+    content_params = {"last": 20, "decay": 0.9}
+    fitted = CollaborativeRetriever(encoder, transitions, pop, {"seq": 1.0}, content,
+                                    {"content_params": content_params})
+    hist = data.histories("valid")
+    signal = fitted.signal_scores_idx(hist)
+    masked = {}
+    for name, s in signal.items():
+        s = s.copy()
+        for b, h in enumerate(hist):
+            s[b, h] = -np.inf if name == "seq" else s[b, h]
+        masked[name] = s
+
+    def valid_ndcg(fused: np.ndarray) -> float:
+        return metrics.ndcg_at_k(metrics.rank_of_targets(fused, data.valid), 10)
+
+    weights, best = choose_weights(masked, valid_ndcg, base="seq")
+    fitted.weights = weights
+    fitted.meta.update(
+        data=data.name,
+        data_fingerprint=data_fingerprint(data),
+        data_stats=data.stats,
+        seed=seed,
+        valid_ndcg10_seq=encoder.info.get("best_valid_ndcg@10"),
+        valid_ndcg10_fused=best,
+        transition_config=asdict(tconf),
+        fit_seconds=round(time.monotonic() - start, 1),
+    )
+    return fitted
