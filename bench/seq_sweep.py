@@ -25,6 +25,7 @@ for phase in ("valid", "test"):
         S[b, h] = -np.inf
     r = metrics.rank_of_targets(S, data.targets(phase))
     res[phase] = {k: round(v, 4) for k, v in metrics.summarize(r, (10, 20)).items() if not k.startswith("mrr")}
+for e in enc.info["log"]: print(json.dumps(e), file=sys.stderr)
 print(json.dumps({"cfg": json.loads(a.overrides), "seed": a.seed, "train_s": round(dt, 1), "epochs": enc.info["epochs"], "best_epoch": enc.info["best_epoch"], **res}))
 if a.save:
     enc.save(a.save)

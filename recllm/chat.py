@@ -39,7 +39,8 @@ MAX_MESSAGE = 1000  # characters of a message that are read; the rest is ignored
 DEFAULT_K = 5  # items shown per turn
 DEFAULT_EXPLAIN = 3  # items of a turn that get a streamed reason
 MAX_TITLE_TOKENS = 12  # longest span (in words) the title spotter tries
-INTENT_MIN_SIM = 0.72  # cosine to the nearest example message for an embedding-matched intent
+INTENT_MIN_SIM = 0.72  # cosine to the nearest example message that overrides a free-text reading
+INTENT_MIN_SIM_UNCLEAR = 0.60  # ... for a message the rules could make nothing of
 RECENT_YEARS = 5  # "recent" = the catalog's newest 5 years
 OLD_BEFORE = 1980  # "old" / "classic" = before this year
 PROFILE_TITLES = 8  # titles named per line of "what do you know about me?"
@@ -90,6 +91,7 @@ dont cant wont gimme lemme wanna gonna pls plz nice cool awesome lol perhaps som
 enjoy enjoyed enjoying fan fans favorite favourite favourites favorites hate hated hating dislike disliked
 adore adored great good bad terrible awful boring was is tonight today another different similar kind type
 sort bit lot lots hello hi hey ok okay sure nope nah number top first second third fourth fifth last
+already anyway actually instead use know think tell try prefer guess probably definitely thing maybe
 """.split())
 # Words that never make a title on their own (outside quotes), and whose spans of only such words are not
 # titles either: "Kids", "Up", "It", "The One", "Only You", "Love Story" are catalog titles.
@@ -171,7 +173,7 @@ _RESET_RE = re.compile(
     r"^\W*(?:ok(?:ay)?\W+|please\W+|let'?s\W+|can\s+we\W+)?(?:start\s+(?:over|again|afresh|fresh|from\s+scratch)|"
     r"reset|restart|clear\s+(?:it\s+all|everything|all|the\s+chat|my\s+(?:profile|history))|clear|"
     r"forget\s+(?:everything|it\s+all|all\s+(?:of\s+)?(?:that|this)|what\s+i\s+(?:said|told\s+you)|about\s+me)|"
-    r"new\s+(?:session|conversation|chat)|begin\s+again)\b",
+    r"new\s+(?:session|conversation|chat)|begin\s+again|wipe\s+(?:everything|it\s+all|the\s+slate))\b",
     re.IGNORECASE,
 )
 _PROFILE_RE = re.compile(
@@ -536,6 +538,12 @@ class Parsed:
                     or self.years_set or self.clear_genres or self.clear_years)
 
     @property
+    def query_only(self) -> bool:
+        """Nothing but free text: a paraphrase of a command ("go back further in time") looks like this too."""
+        return bool(self.query) and not (self.reject or self.like or self.liked or self.disliked or self.anchors or self.shift
+                     or self.more or self.has_constraints)
+
+    @property
     def actionable(self) -> bool:
         return bool(self.reject or self.like or self.liked or self.disliked or self.anchors or self.shift
                     or self.more or self.has_constraints or self.query)
@@ -883,13 +891,13 @@ class IntentIndex:
         self.embedder = embedder
         self.vectors = embedder.encode(self.texts, progress=False)  # (N, d), unit rows
 
-    def classify(self, text: str) -> tuple[str | None, float]:
-        """(intent, cosine) of the nearest example; intent None below `INTENT_MIN_SIM`."""
+    def classify(self, text: str, min_sim: float = INTENT_MIN_SIM) -> tuple[str | None, float]:
+        """(intent, cosine) of the nearest example; intent None below `min_sim`."""
         vector = self.embedder.encode([text], progress=False)[0]
         sims = self.vectors @ vector
         best = int(sims.argmax())
         score = float(sims[best])
-        return (self.labels[best] if score >= INTENT_MIN_SIM else None), score
+        return (self.labels[best] if score >= min_sim else None), score
 
 
 _INTENT_INDEXES: dict[int, IntentIndex] = {}
@@ -1104,8 +1112,9 @@ class ChatSession:
         t = templates()
         parsed = self.parser.parse(text, shown=[c.item_id for c in self.shown])
         intent = parsed.intent
-        if intent == "act" and not parsed.actionable:
-            intent = self._embedded_intent(text) or "clarify"
+        if intent == "act" and (parsed.query_only or not parsed.actionable):
+            min_sim = INTENT_MIN_SIM if parsed.actionable else INTENT_MIN_SIM_UNCLEAR
+            intent = self._embedded_intent(text, min_sim) or ("act" if parsed.actionable else "clarify")
         if intent == "none" or intent == "clarify":
             return _Plan(reply=Reply(t.render("clarify"), self.shown, "clarify"))
         if intent == "reset":
@@ -1121,13 +1130,13 @@ class ChatSession:
             reply, acks = self._start_user(parsed.user_id)
             return _Plan(reply=reply, acks=acks, recommend=reply is None)
         if intent == "why":
-            return _Plan(reply=self._why(parsed.why))
+            return _Plan(reply=self._why(parsed.why if parsed.intent == "why" else Ref(focus=True)))
         if intent in ("more", "reject", "older", "newer"):  # from the embedding fallback
             parsed = Parsed(text=text, more=intent == "more", reject=[Ref(focus=True)] if intent == "reject" else [],
                             shift=intent if intent in ("older", "newer") else None)
         return self._apply(parsed)
 
-    def _embedded_intent(self, text: str) -> str | None:
+    def _embedded_intent(self, text: str, min_sim: float) -> str | None:
         model = self._intent_model
         if model is None:
             return None
@@ -1138,7 +1147,7 @@ class ChatSession:
 
                 model = get_embedder()
         try:
-            intent, _ = intent_index(model).classify(text)
+            intent, _ = intent_index(model).classify(text, min_sim)
         except RecllmError:
             return None
         return intent
@@ -1232,8 +1241,10 @@ class ChatSession:
                                        year_min=year_min, year_max=year_max)
         if likes or parsed.anchors:
             self.focus = None
-        if not (self.user or self.liked or self.query) and parsed.has_constraints:
-            self.query = parsed.text  # cold start on filters alone ("comedies from the 90s"): the words are the ask
+        if not (self.user or self.liked or self.query) and (self.constraints.genres or parsed.years_set):
+            # cold start on filters alone ("only comedies", "something from the 90s"): the wanted genres, else
+            # the message, become the ask (never words of an exclusion: "no horror" would find horror)
+            self.query = " ".join(self.constraints.genres) or parsed.text
         if not (self.user or self.liked or self.query):
             acks.append(t.render("need_basis"))
             return _Plan(reply=Reply(" ".join(acks), self.shown, "clarify"))

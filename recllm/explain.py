@@ -271,18 +271,23 @@ class Explainer:
         base = self.lm.describe() if self.lm is not None else {"model": None, "adapter": None}
         return {**base, "prompt": self.prompt.name, "prompt_sha256": self.prompt.sha256}
 
-    def build_prompt(self, item: Item, evidence: Evidence) -> str:
+    def messages(self, item: Item, evidence: Evidence) -> list[dict[str, str]]:
         chars = self.config.title_chars
         values = {
             "item": sanitize(item.title, chars),
             "liked": join_and([sanitize(t, chars) for t in evidence.titles]) or "-",
             "shared": ", ".join(sanitize(s, 40) for s in evidence.shared) or "-",
         }
-        return self.lm.chat_text(self.prompt.messages(**values))
+        return self.prompt.messages(**values)
+
+    def build_prompt(self, item: Item, evidence: Evidence) -> str:
+        """The exact text the model continues."""
+        return self.lm.chat_text(self.messages(item, evidence))
 
     def stream(self, item: Item, evidence: Evidence) -> Iterator[str | Explanation]:
-        """Yield the model's text pieces as they come, then one final `Explanation`.
+        """Yield text pieces as they come, then one final `Explanation`.
 
+        The template's answer prefix (e.g. "You may enjoy X because") comes first, then the model's tokens.
         When the final explanation is a fallback, the streamed pieces were rejected: show `.text` instead.
         """
         meta = self.describe()
@@ -290,19 +295,31 @@ class Explainer:
             yield Explanation(fallback_text(evidence), "fallback", evidence, meta=meta)
             return
         cfg = self.config
-        pieces = []
-        for piece in self.lm.stream(self.build_prompt(item, evidence), cfg.max_new_tokens,
+        messages = self.messages(item, evidence)
+        prefix = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
+        pieces = [prefix] if prefix else []
+        if prefix:
+            yield prefix
+        for piece in self.lm.stream(self.lm.chat_text(messages), cfg.max_new_tokens,
                                     stop=("\n",), repetition_penalty=cfg.repetition_penalty):
             pieces.append(piece)
             yield piece
         draft = "".join(pieces)
         text, complete = tidy(draft, cfg.max_sentences)
+        if not complete and text and not self._hit_token_limit(draft[len(prefix):]):
+            text, complete = text.rstrip(",;:- ") + ".", True  # the model stopped without a full stop
         allowed = [item.title, item.label, *evidence.titles, *evidence.shared]  # genres may be titles too
         problem = validate(text, allowed=allowed, matcher=self.matcher, max_chars=cfg.max_chars, complete=complete)
         if problem is None:
             yield Explanation(text, "llm", evidence, meta=meta)
         else:
             yield Explanation(fallback_text(evidence), "fallback", evidence, rejected=problem, draft=draft, meta=meta)
+
+    def _hit_token_limit(self, generated: str) -> bool:
+        count = getattr(self.lm, "token_count", None)
+        if count is None:
+            return False
+        return count(generated) >= self.config.max_new_tokens - 1
 
     def explain(self, item: Item, evidence: Evidence) -> Explanation:
         """The validated explanation (model text, or the fallback)."""

@@ -124,12 +124,13 @@ class LLMRanker:
         if len(candidate_titles) > cfg.max_candidates:
             raise InputError(f"At most {cfg.max_candidates} candidates per prompt, got {len(candidate_titles)}")
         history = list(history_titles)[-cfg.max_history:] if cfg.max_history > 0 else []
-        history_lines = "\n".join(f"{i}. {self._title(t)}" for i, t in enumerate(history, 1))
-        option_lines = "\n".join(f"({LETTERS[i]}) {self._title(t)}" for i, t in enumerate(candidate_titles))
+        history_lines = "\n".join(f"{i}. {self.format_title(t)}" for i, t in enumerate(history, 1))
+        option_lines = "\n".join(f"({LETTERS[i]}) {self.format_title(t)}" for i, t in enumerate(candidate_titles))
         messages = self.prompt.messages(history=history_lines or "-", candidates=option_lines)
         return self.lm.chat_text(messages)
 
-    def _title(self, title: str) -> str:
+    def format_title(self, title: str) -> str:
+        """A title as shown in the prompt: year dropped (unless show_year), sanitized, cut to title_chars."""
         if not self.config.show_year:
             title = _YEAR_RE.sub("", str(title))
         return sanitize(title, self.config.title_chars)

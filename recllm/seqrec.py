@@ -467,42 +467,139 @@ def data_fingerprint(data) -> str:
     return h.hexdigest()[:16]
 
 
+TRANSITION_GRID = {
+    "gaps": (1, 2, 3, 5, 8),
+    "gap_decay": (0.5, 0.7, 0.85, 1.0),
+    "last": (3, 5, 10, 20),
+    "last_decay": (0.5, 0.7, 0.85, 1.0),
+    "normalize": (0.0, 0.5, 0.75, 1.0),
+    "backward": (0.0, 0.3, 0.6, 1.0),
+}
+TUNE_USERS = 3000  # validation users used to choose transition settings and fusion weights
+
+
+def tune_transitions(data, users: np.ndarray, *, start=None, rounds: int = 2):
+    """Coordinate search over `TRANSITION_GRID` for the transition settings with the best validation
+    NDCG@10 on `users` (indices). Returns (TransitionConfig, value)."""
+    from recllm import metrics
+    from recllm.signals import TransitionConfig, Transitions, popularity
+
+    hist = [data.train[u] for u in users]
+    targets = data.valid[users]
+    pop = np.log1p(popularity(data.train, data.n_items)).astype(np.float32)
+    tie = 1e-3 * pop / max(float(pop.max()), 1.0)
+    fits: dict[tuple, Transitions] = {}
+
+    def value(cfg: dict) -> float:
+        key = (cfg["gaps"], cfg["gap_decay"], cfg["backward"])
+        if key not in fits:
+            fits.clear()
+            fits[key] = Transitions.fit(data.train, data.n_items, TransitionConfig(**cfg))
+        trans = fits[key]
+        trans.config = TransitionConfig(**cfg)
+        s = np.log1p(trans.scores(hist)) + tie
+        for b, h in enumerate(hist):
+            s[b, h] = -np.inf
+        return metrics.ndcg_at_k(metrics.rank_of_targets(s, targets), 10)
+
+    cfg = asdict(start or TransitionConfig(gaps=5, gap_decay=0.85, last=20, last_decay=0.7, normalize=0.75, backward=0.6))
+    best = value(cfg)
+    for _ in range(rounds):
+        improved = False
+        for key, grid in TRANSITION_GRID.items():
+            for v in grid:
+                trial = dict(cfg, **{key: v})
+                if trial == cfg:
+                    continue
+                val = value(trial)
+                if val > best + 1e-6:
+                    best, cfg, improved = val, trial, True
+        if not improved:
+            break
+    return TransitionConfig(**cfg), best
+
+
 def fit_on_split(data, *, seed: int = 0, config: SeqConfig | None = None, content: np.ndarray | None = None,
                  transition_config=None, progress: bool = True) -> CollaborativeRetriever:
-    """Fit every signal on `data.train` (an `evaluate.EvalData`) and choose fusion weights on validation."""
+    """Fit every signal on `data.train` (an `evaluate.EvalData`); choose transition settings and fusion
+    weights on the validation split (at most `TUNE_USERS` users, a fixed random sample)."""
     from recllm import metrics
-    from recllm.signals import TransitionConfig, Transitions, choose_weights, content_user_vectors, popularity
+    from recllm.signals import Transitions, choose_weights, popularity
 
     start = time.monotonic()
+    rng = np.random.default_rng(seed)
+    users = np.arange(data.n_users)
+    if len(users) > TUNE_USERS:
+        users = np.sort(rng.choice(users, TUNE_USERS, replace=False))
+    tuned = None
+    if transition_config is None:
+        transition_config, tuned = tune_transitions(data, users)
+    transitions = Transitions.fit(data.train, data.n_items, transition_config)
     encoder = train(data.train, data.item_ids, valid_targets=data.valid, config=config, seed=seed, progress=progress)
-    tconf = transition_config or TransitionConfig(gaps=2, last=3, last_decay=0.7, normalize=False)
-    transitions = Transitions.fit(data.train, data.n_items, tconf)
     pop = popularity(data.train, data.n_items)
-    content_params = {"last": 20, "decay": 0.9}
     fitted = CollaborativeRetriever(encoder, transitions, pop, {"seq": 1.0}, content,
-                                    {"content_params": content_params})
-    hist = data.histories("valid")
+                                    {"content_params": {"last": 20, "decay": 0.7}})
+    hist = [data.train[u] for u in users]
     signal = fitted.signal_scores_idx(hist)
-    masked = {}
-    for name, s in signal.items():
-        s = s.copy()
-        for b, h in enumerate(hist):
-            s[b, h] = -np.inf if name == "seq" else s[b, h]
-        masked[name] = s
+    for b, h in enumerate(hist):
+        signal["seq"][b, h] = -np.inf  # seq always has weight 1: this excludes the history from the fusion
 
     def valid_ndcg(fused: np.ndarray) -> float:
-        return metrics.ndcg_at_k(metrics.rank_of_targets(fused, data.valid), 10)
+        return metrics.ndcg_at_k(metrics.rank_of_targets(fused, data.valid[users]), 10)
 
-    weights, best = choose_weights(masked, valid_ndcg, base="seq")
+    weights, best = choose_weights(signal, valid_ndcg, base="seq")
     fitted.weights = weights
     fitted.meta.update(
         data=data.name,
         data_fingerprint=data_fingerprint(data),
         data_stats=data.stats,
         seed=seed,
+        tune_users=int(len(users)),
         valid_ndcg10_seq=encoder.info.get("best_valid_ndcg@10"),
+        valid_ndcg10_transition=tuned,
         valid_ndcg10_fused=best,
-        transition_config=asdict(tconf),
+        transition_config=asdict(transition_config),
         fit_seconds=round(time.monotonic() - start, 1),
     )
     return fitted
+
+
+def check_fitted_on(fitted: CollaborativeRetriever, data) -> None:
+    """ModelError unless `fitted` was fitted on exactly this data's train/validation split."""
+    want = data_fingerprint(data)
+    have = fitted.meta.get("data_fingerprint")
+    if have != want:
+        raise ModelError(
+            f"the fitted retriever was fitted on other data ({fitted.meta.get('data')}, split {have}); "
+            f"this data's split is {want}: run `recllm fit-retriever` on it first"
+        )
+
+
+def fit_retriever(catalog=None, interactions=None, out_dir=None, *, seed: int = 0, config: SeqConfig | None = None,
+                  content_vectors=None, embedder=None, progress: bool = True) -> Path:
+    """Fit the fused collaborative retriever on the train split of (catalog, interactions) and save it.
+
+    catalog / interactions: paths or loaded objects (None = bundled MovieLens). out_dir: default
+    `paths.retrievers_dir() / catalog.name`. content_vectors / embedder: see `evaluate.content_matrix`;
+    when no embedding model is available the retriever is fitted without the content signal.
+    Returns the folder (load it with `CollaborativeRetriever.load`).
+    """
+    from recllm import evaluate, paths
+    from recllm.catalog import Catalog, load_catalog, load_interactions
+    from recllm.errors import RecllmError
+
+    if not isinstance(catalog, Catalog):
+        catalog = load_catalog(catalog)
+    if interactions is None or isinstance(interactions, (str, Path)):
+        interactions = load_interactions(interactions)
+    data = evaluate.prepare(catalog, interactions)
+    try:
+        content = evaluate.content_matrix(data, catalog, vectors=content_vectors, embedder=embedder, progress=progress)
+    except (RecllmError, ImportError) as exc:
+        print(f"recllm: fitting without the content signal: {exc}", file=sys.stderr)
+        content = None
+    fitted = fit_on_split(data, seed=seed, config=config, content=content, progress=progress)
+    out = Path(out_dir) if out_dir is not None else paths.retrievers_dir() / catalog.name
+    fitted.meta["catalog"] = catalog.name
+    fitted.save(out)
+    return out

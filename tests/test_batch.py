@@ -477,3 +477,92 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- the real engine (tiny LM, small catalog)
+
+
+@pytest.fixture(scope="module")
+def real_rec(small_catalog_files, indexed_home, tiny_lm):
+    """engine.Recommender on the small indexed catalog with the tiny in-process LM (explain=0: fast)."""
+    from recllm.engine import Recommender
+
+    old = os.environ.get("RECLLM_HOME")
+    os.environ["RECLLM_HOME"] = str(indexed_home)
+    try:
+        return Recommender(*small_catalog_files, lm=tiny_lm, explain=0, progress=False)
+    finally:
+        os.environ["RECLLM_HOME"] = old or ""
+
+
+def test_real_engine_rows(tmp_path, real_rec):
+    rows = [{"id": "user", "user": "1", "k": 5},
+            {"id": "titles", "history": ["Heat", "Toy Story (1995)"], "k": 3, "question": "why did you suggest #1?"},
+            {"id": "chat", "k": 4, "messages": [{"role": "user", "content": "I loved Heat"},
+                                                {"role": "assistant", "content": "Try Casino."},
+                                                {"role": "user", "content": "something less violent"}]},
+            {"id": "ghost", "user": "99999"},
+            {"id": "nothing", "history": ["no such film xyz"]},
+            {"id": "big", "user": "1", "k": MAX_K + 1}]  # fmt: skip
+    src = write_input(tmp_path / "in.jsonl", [json.dumps(r) for r in rows])
+    stats = run_batch(src, tmp_path / "out.jsonl", recommender=real_rec, batch_size=4, progress=False)
+    out = {o["id"]: o for o in out_lines(tmp_path / "out.jsonl")}
+    assert list(out) == [r["id"] for r in rows] and stats.errors == 3
+    for rid, k in (("user", 5), ("titles", 3), ("chat", 4)):
+        recs = out[rid]["recommendations"]
+        assert [r["rank"] for r in recs] == list(range(1, k + 1))
+        assert all(r["item_id"] in real_rec.catalog for r in recs)  # only catalog items, never invented
+        assert out[rid]["trace"]["ranker"]["model"] == "tiny-llama-32x2-seed0"
+    assert "6" in [h["item_id"] for h in out["chat"]["trace"]["history"]]  # Heat, liked in the conversation
+    assert out["chat"]["trace"]["request"]["filters"]["exclude_genres"]  # "less violent"
+    assert isinstance(out["titles"]["answer"], str) and out["titles"]["answer"]
+    assert out["ghost"]["error"].startswith("unknown user '99999'")
+    assert "nothing to recommend from" in out["nothing"]["error"]
+    assert out["big"]["error"] == f"k must be between 1 and {MAX_K}, got {MAX_K + 1}"
+
+
+def test_batching_does_not_change_answers(tmp_path, real_rec):
+    """Rows served 8 at a time give the same lists as rows served one by one."""
+    src = write_input(tmp_path / "in.jsonl", [json.dumps({"id": str(u), "user": str(u), "k": 5}) for u in range(1, 9)])
+    one = list(batch.process(real_rec, [json.loads(x) for x in src.read_text().splitlines()], batch_size=1))
+    run_batch(src, tmp_path / "out.jsonl", recommender=real_rec, batch_size=8, progress=False)
+    eight = out_lines(tmp_path / "out.jsonl")
+    for a, b in zip(one, eight):
+        assert [r["item_id"] for r in a["recommendations"]] == [r["item_id"] for r in b["recommendations"]]
+        assert [r["score"] for r in a["recommendations"]] == pytest.approx([r["score"] for r in b["recommendations"]],
+                                                                           abs=1e-4)  # fmt: skip
+
+
+def test_python_api_readme_example(tmp_path, monkeypatch, small_catalog_files, indexed_home, tiny_lm):
+    """The README's Python example, on the small catalog and the tiny LM instead of the defaults."""
+    import recllm
+
+    monkeypatch.setenv("RECLLM_HOME", str(indexed_home))
+    monkeypatch.chdir(tmp_path)
+    Path("requests.jsonl").write_text('{"id": "a", "user": "1", "k": 5}\n{"id": "b", "history": ["Heat"]}\n')
+    catalog, interactions = small_catalog_files
+
+    # --- README: Python API ---
+    from recllm import Recommender
+    from recllm.batch import process, run_batch
+    from recllm.chat import ChatSession
+
+    rec = Recommender(catalog, interactions, lm=tiny_lm, explain=1, progress=False)  # README: Recommender()
+    result = rec.recommend(user="1", k=5)
+    for r in result.recommendations:
+        print(r.rank, r.title, r.score, r.explanation)
+    print(rec.why("#1", result))
+    result = rec.recommend(history=["Heat", "Ronin (1998)"], query="less violent", k=3)
+    chat = ChatSession(rec)
+    print(chat.respond("something like Heat but from the 90s").text)
+    print(chat.respond("why the first one?").text)
+    for out in process(rec, [{"id": "a", "user": "1", "k": 3}, {"id": "b", "history": []}]):
+        print(out["id"], out.get("error") or [r["title"] for r in out["recommendations"]])
+    stats = run_batch("requests.jsonl", "results.jsonl", recommender=rec, resume=True)
+    print(f"{stats.served} rows served, {stats.errors} errors")
+    # --- end ---
+
+    assert recllm.Recommender is recllm.engine.Recommender
+    assert len(result.recommendations) == 3 and result.recommendations[0].item_id in rec.catalog
+    assert chat.shown and all(1990 <= card.year <= 1999 for card in chat.shown)
+    assert stats.served == 2 and len(Path("results.jsonl").read_text().splitlines()) == 2

@@ -260,8 +260,8 @@ def test_why_is_answered_from_that_turns_trace(session, rec):
     assert reply.intent == "why"
     item, result = rec.whys[-1]
     assert item == first.items[1].item_id and result is first_result
-    evidence = first_result.trace["history"]
-    assert any(h["title"] in reply.text for h in evidence)  # the evidence is named
+    evidence = [rec.catalog.get(h["item_id"]).title for h in first_result.trace["history"]]
+    assert any(title in reply.text for title in evidence)  # the evidence is named
     second = session.respond("only comedies")
     reply = session.respond(f"why {first.items[0].name}?")  # an item from the earlier turn
     if first.items[0].item_id not in ids(second):
@@ -333,8 +333,12 @@ def test_unknown_things_get_a_clarifying_reply(session, rec):
 
 
 def test_embedding_similarity_catches_paraphrases(session):
-    assert session.respond("tell me what you've learned regarding me so far").intent == "profile"
-    assert session.respond("erase all of it and begin anew").intent == "reset"
+    # no rule matches these; the nearest example message (prompts/chat_intents.txt) decides
+    assert session.respond("what did you learn about me so far").intent == "profile"
+    session.respond("I loved Heat")
+    years = [card.year for card in session.shown]
+    session.respond("go back further in time")
+    assert session.constraints.year_max == min(years) - 1
 
 
 # ---------------------------------------------------------------------------- streaming, errors

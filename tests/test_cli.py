@@ -53,7 +53,7 @@ def test_recommend_user_text_output_with_filters(capsys, indexed):
     code, out, err = run(capsys, "recommend", "--user", "1", "-k", "4", "--genre", "Comedy", "--years", "1990-1999",
                          "--catalog", catalog_path, "--interactions", interactions_path)
     assert code == 0, err
-    lines = out.strip().splitlines()
+    lines = [line for line in out.splitlines() if line.strip()]
     assert len(lines) == 4 and lines[0].startswith(" 1. ")
     catalog = load_catalog(catalog_path)
     for line in lines:

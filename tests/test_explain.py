@@ -52,9 +52,8 @@ class ScriptedLM:
 
     def stream(self, prompt, max_new_tokens, **kwargs):
         self.prompts.append(prompt)
-        words = self.text.split(" ")
-        for i, word in enumerate(words[:max_new_tokens]):
-            yield word if i == 0 else " " + word
+        for word in self.text.split(" ")[:max_new_tokens]:
+            yield " " + word
 
 
 def test_evidence_picks_the_most_similar_history_items():
@@ -122,13 +121,14 @@ def test_degenerate_and_tidy():
 
 def test_explainer_accepts_grounded_text_and_streams():
     ev = evidence(NOTTING, [HEAT, SABRINA, PRESIDENT], None, None)
-    lm = ScriptedLM("Like Sabrina, Notting Hill is a charming Comedy you may enjoy.\nExtra")
+    lm = ScriptedLM("like Sabrina it is a charming Comedy.\nExtra")
     explainer = Explainer(lm, titles=MATCHER)
     out = list(explainer.stream(NOTTING, ev))
+    assert out[0] == "You may enjoy Notting Hill because"  # the answer prefix streams first
     assert all(isinstance(p, str) for p in out[:-1]) and isinstance(out[-1], Explanation)
     final = out[-1]
     assert final.source == "llm" and final.rejected is None
-    assert final.text == "Like Sabrina, Notting Hill is a charming Comedy you may enjoy."
+    assert final.text == "You may enjoy Notting Hill because like Sabrina it is a charming Comedy."
     assert final.meta["prompt_sha256"] and final.meta["model"] == "scripted"
     assert "Notting Hill" in lm.prompts[0] and "Sabrina" in lm.prompts[0]
     assert final.to_dict()["evidence"]["item_id"] == "2671"
@@ -136,10 +136,16 @@ def test_explainer_accepts_grounded_text_and_streams():
 
 def test_explainer_falls_back_when_the_model_names_another_title():
     ev = evidence(NOTTING, [HEAT, SABRINA, PRESIDENT], None, None)
-    final = Explainer(ScriptedLM("You loved Toy Story, so try this one."), titles=MATCHER).explain(NOTTING, ev)
+    final = Explainer(ScriptedLM("you loved Toy Story."), titles=MATCHER).explain(NOTTING, ev)
     assert final.source == "fallback" and "Toy Story" in final.rejected
     assert final.text == fallback_text(ev) and "Toy Story" not in final.text
-    assert final.draft.startswith("You loved Toy Story")
+    assert final.draft == "You may enjoy Notting Hill because you loved Toy Story."
+
+
+def test_explainer_finishes_a_sentence_the_model_ended_early():
+    ev = evidence(NOTTING, [SABRINA], None, None)
+    final = Explainer(ScriptedLM("it is a warm Comedy like Sabrina"), titles=MATCHER).explain(NOTTING, ev)
+    assert final.source == "llm" and final.text.endswith("like Sabrina.")
 
 
 def test_explainer_without_model_or_with_tiny_model(tiny_lm):

@@ -1,0 +1,226 @@
+"""The evaluation protocol: k-core filter, leave-one-out split, baselines and reports end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from recllm import evaluate, metrics
+from recllm.catalog import load_catalog, load_interactions
+
+
+# ---------------------------------------------------------------- k-core
+
+
+def test_k_core_iterates_to_a_fixed_point():
+    # item "x" has 5 interactions, but two of its users fall below 5 once rare item "r" goes,
+    # which drops x below 5 in turn, which drops a third user: only a fixed point catches all of it.
+    seqs = {
+        "u1": ["x", "a", "b", "c", "r"],  # loses r -> 4 items -> dropped
+        "u2": ["x", "a", "b", "c", "r"],  # same
+        "u3": ["x", "a", "b", "c", "d"],  # loses x (3 left after u1, u2 go) -> 4 items -> dropped
+        "u4": ["x", "a", "b", "c", "d", "e"],  # loses x -> 5 items, stays
+        "u5": ["x", "a", "b", "c", "d", "e"],
+        "u6": ["a", "b", "c", "d", "e"],
+        "u7": ["a", "b", "c", "d", "e"],
+        "u8": ["a", "b", "c", "d", "e"],
+    }
+    core = evaluate.k_core(seqs, 5)
+    assert set(core) == {"u4", "u5", "u6", "u7", "u8"}
+    assert all(s == ["a", "b", "c", "d", "e"] for s in core.values())
+    # a fixed point: filtering again changes nothing
+    assert evaluate.k_core(core, 5) == core
+    # and every user / item has at least 5
+    counts: dict[str, int] = {}
+    for s in core.values():
+        for i in s:
+            counts[i] = counts.get(i, 0) + 1
+    assert min(counts.values()) >= 5 and min(len(s) for s in core.values()) >= 5
+
+
+def test_k_core_single_pass_is_not_enough_here():
+    seqs = {f"u{n}": ["x", "a", "b", "c", "r" if n < 2 else "d"] for n in range(5)}
+    seqs.update({f"v{n}": ["a", "b", "c", "d", "e"] for n in range(5)})
+    core = evaluate.k_core(seqs, 5)
+    assert "x" not in {i for s in core.values() for i in s}
+    assert all(len(s) >= 5 for s in core.values())
+
+
+def test_split_drops_repeats_and_orders_items_by_catalog():
+    seqs = {f"u{n}": ["a", "b", "a", "c", "d", "e"] for n in range(5)}  # "a" repeated
+    data = evaluate.split_sequences(seqs, ["e", "d", "c", "b", "a", "zzz"])
+    assert data.item_ids == ["e", "d", "c", "b", "a"]
+    assert data.stats["repeats_dropped"] == 5
+    ids = data.item_ids
+    assert [ids[i] for i in data.train[0]] == ["a", "b", "c"]
+    assert ids[data.valid[0]] == "d" and ids[data.test[0]] == "e"
+
+
+# ---------------------------------------------------------------- the bundled data
+
+
+@pytest.fixture(scope="module")
+def movielens():
+    catalog = load_catalog()
+    interactions = load_interactions()
+    return catalog, interactions, evaluate.prepare(catalog, interactions)
+
+
+def test_bundled_movielens_counts_match_llamarec(movielens):
+    _, _, data = movielens
+    assert (data.n_users, data.n_items, data.stats["interactions"]) == (610, 3650, 90274)
+    assert sum(len(t) for t in data.train) + 2 * data.n_users == 90274
+
+
+def test_split_properties_on_movielens(movielens):
+    catalog, interactions, data = movielens
+    sequences = interactions.sequences()
+    for u, user in enumerate(data.user_ids):
+        train = [data.item_ids[i] for i in data.train[u]]
+        valid, test = data.item_ids[data.valid[u]], data.item_ids[data.test[u]]
+        # the held-out items never appear in the user's training data or model input
+        assert test not in train and test != valid
+        assert valid not in train
+        assert data.test[u] not in data.histories("test")[u]
+        assert data.valid[u] not in data.histories("valid")[u]
+        # chronological: every train event <= validation <= test in time, in file order on ties
+        order = [item for item, _ in sequences[user] if item in set(train) | {valid, test}]
+        assert order == train + [valid, test]
+        times = {item: ts for item, ts in sequences[user]}
+        assert max(times[i] for i in train) <= times[valid] <= times[test]
+    # the model input at test time is train + the validation item
+    assert list(data.histories("test")[0]) == list(data.train[0]) + [data.valid[0]]
+
+
+def test_timestamp_ties_break_by_file_row_order(tmp_path):
+    items = tmp_path / "items.csv"
+    items.write_text("item_id,title\n" + "".join(f"i{n},Item {n}\n" for n in range(6)))
+    rows = ["user_id,item_id,timestamp"]
+    for u in range(5):
+        # same timestamp for the last three rows: file order i3, i5, i4 must be kept
+        rows += [f"u{u},i0,1", f"u{u},i1,2", f"u{u},i2,3", f"u{u},i3,9", f"u{u},i5,9", f"u{u},i4,9"]
+    inter = tmp_path / "inter.csv"
+    inter.write_text("\n".join(rows) + "\n")
+    data = evaluate.prepare(load_catalog(items), load_interactions(inter))
+    ids = data.item_ids
+    assert ids[data.test[0]] == "i4" and ids[data.valid[0]] == "i5"
+    assert [ids[i] for i in data.train[0]] == ["i0", "i1", "i2", "i3"]
+
+
+def test_items_without_catalog_entry_are_dropped(tmp_path):
+    items = tmp_path / "items.csv"
+    items.write_text("item_id,title\n" + "".join(f"i{n},Item {n}\n" for n in range(6)))
+    rows = ["user_id,item_id,timestamp"] + [f"u{u},{i},{t}" for u in range(5) for t, i in
+                                            enumerate(["i0", "i1", "ghost", "i2", "i3", "i4"])]
+    inter = tmp_path / "inter.csv"
+    inter.write_text("\n".join(rows) + "\n")
+    data = evaluate.prepare(load_catalog(items), load_interactions(inter))
+    assert "ghost" not in data.item_ids
+    assert data.stats["untitled_dropped"] == 5
+
+
+# ---------------------------------------------------------------- ranking rules
+
+
+def test_rank_all_excludes_history_and_counts_misses():
+    data = evaluate.split_sequences({f"u{n}": ["a", "b", "c", "d", "e"] for n in range(5)})
+
+    def scorer(hist):  # prefers "a" (history) most, then items in reverse catalog order
+        s = np.tile(np.arange(data.n_items, dtype=np.float32), (len(hist), 1))
+        s[:, data.item_ids.index("a")] = 100.0
+        return s
+
+    ranking = evaluate.rank_all(scorer, data, "test")
+    # history a, b, c, d is excluded; only e remains, at rank 1
+    assert list(ranking.ranks) == [1.0] * 5
+    assert all(list(row[:1]) == [data.item_ids.index("e")] and all(x == -1 for x in row[1:]) for row in ranking.top)
+
+
+def test_rerank_uses_candidates_and_counts_retriever_misses():
+    seqs = {f"u{n}": [f"i{(n + k) % 30}" for k in range(6)] for n in range(30)}
+    data = evaluate.split_sequences(seqs, [f"i{n}" for n in range(30)])
+    # a retriever that puts the true item 3rd for even users and misses it for odd ones
+    ranking = evaluate.Ranking(ranks=np.zeros(data.n_users), top=np.full((data.n_users, 20), -1))
+    for u in range(data.n_users):
+        others = [i for i in range(data.n_items) if i != data.test[u] and i not in data.histories("test")[u]]
+        ranking.top[u] = others[:20] if u % 2 else (others[:2] + [int(data.test[u])] + others[2:19])
+    calls = []
+
+    def reverse(history, candidates):  # reverse order: the 3rd of 20 becomes the 18th
+        calls.append((history, candidates))
+        return list(range(len(candidates)))
+
+    ranks = evaluate.rerank(ranking, data, reverse, "test")
+    assert all(math.isinf(r) for r in ranks[1::2])
+    assert all(r == 18.0 for r in ranks[0::2])
+    assert len(calls) == 15  # users whose true item was missed are not sent to the ranker
+    assert all(len(h) <= evaluate.HISTORY_LEN and len(c) == 20 for h, c in calls)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def planted(tmp_path, n_items=30, n_users=60, length=10, seed=0):
+    """A catalog + interactions where every user walks a cycle i -> i+1 (mod n): the next item is known."""
+    rng = np.random.default_rng(seed)
+    items = tmp_path / "items.csv"
+    items.write_text("item_id,title,genres\n" + "".join(f"m{n},Movie {n},G{n % 3}\n" for n in range(n_items)))
+    rows = ["user_id,item_id,timestamp"]
+    for u in range(n_users):
+        start = int(rng.integers(n_items))
+        rows += [f"u{u},m{(start + t) % n_items},{1000 + t}" for t in range(length)]
+    inter = tmp_path / "interactions.csv"
+    inter.write_text("\n".join(rows) + "\n")
+    vectors = {f"m{n}": rng.normal(size=8).astype(np.float32) for n in range(n_items)}
+    return items, inter, vectors
+
+
+@pytest.mark.slow
+def test_run_eval_end_to_end_on_a_planted_pattern(tmp_path):
+    from recllm.seqrec import SeqConfig
+
+    items, inter, vectors = planted(tmp_path)
+    cfg = SeqConfig(dim=32, blocks=1, max_len=12, dropout=0.1, lr=5e-3, batch_size=16, max_epochs=40,
+                    min_epochs=5, patience=8, time_budget_s=30)
+    out = tmp_path / "out"
+    report = evaluate.run_eval(items, inter, seeds=(0,), out_dir=out, content_vectors=vectors, config=cfg,
+                               progress=False, ranker=lambda h, c: [-i for i in range(len(c))], ranker_name="keep")
+    systems = report.systems
+    assert set(systems) == {"popularity", "transition", "content", "seq", "retriever", "retriever+keep"}
+    # the collaborative encoder learned "next item = i + 1"
+    assert systems["seq"]["metrics"]["recall@5"] >= 0.9
+    assert systems["retriever"]["metrics"]["ndcg@10"] >= 0.9
+    assert systems["transition"]["metrics"]["recall@5"] >= 0.9
+    # a ranker that keeps the retriever's order changes nothing
+    assert systems["retriever+keep"]["metrics"] == pytest.approx(systems["retriever"]["metrics"])
+    # random text vectors know nothing about the cycle: far below the collaborative signals
+    assert systems["content"]["metrics"]["ndcg@10"] < 0.5
+    assert report.data["users"] == 60 and report.data["items"] == 30
+    for name in ("report.json", "report.md", "report.png", "retriever-seed0/seq.safetensors",
+                 "retriever-seed0/fusion.json", "retriever-seed0/seq.json"):
+        assert (out / name).is_file(), name
+    loaded = json.loads((out / "report.json").read_text())
+    assert loaded["systems"]["retriever"]["metrics"]["ndcg@10"] == pytest.approx(systems["retriever"]["metrics"]["ndcg@10"])
+    md = (out / "report.md").read_text()
+    assert "| retriever |" in md and "retriever's top 20" in md
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the saved retriever is re-evaluated without refitting, with the same figures
+    again = evaluate.run_eval(items, inter, systems=("retriever",), retriever=out / "retriever-seed0", progress=False)
+    assert again.systems["retriever"]["metrics"] == pytest.approx(systems["retriever"]["metrics"])
+
+
+def test_unknown_system_is_a_clean_error():
+    from recllm.errors import InputError
+
+    with pytest.raises(InputError):
+        evaluate.run_eval(systems=("nope",))
+
+
+def test_metrics_of_a_perfect_scorer_are_one():
+    data = evaluate.split_sequences({f"u{n}": [f"i{(n + k) % 9}" for k in range(6)] for n in range(9)})
+    targets = data.test
+    ranking = evaluate.rank_all(lambda h: np.eye(data.n_items, dtype=np.float32)[targets[: len(h)]], data, "test")
+    assert metrics.summarize(ranking.ranks)["ndcg@5"] == 1.0

@@ -1,0 +1,141 @@
+"""The sequential encoder and the fused collaborative retriever: learning, scoring as dot products, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from recllm import evaluate, seqrec, signals
+from recllm.errors import ModelError
+
+FAST = seqrec.SeqConfig(dim=32, blocks=1, max_len=12, dropout=0.1, lr=5e-3, batch_size=16, max_epochs=40,
+                        min_epochs=5, patience=8, time_budget_s=30)
+
+
+def cycle_data(n_items=30, n_users=60, length=10, seed=0) -> evaluate.EvalData:
+    """Every user walks i -> i+1 (mod n) from a random start: the next item is always known."""
+    rng = np.random.default_rng(seed)
+    seqs = {}
+    for u in range(n_users):
+        start = int(rng.integers(n_items))
+        seqs[f"u{u}"] = [f"m{(start + t) % n_items}" for t in range(length)]
+    return evaluate.split_sequences(seqs, [f"m{n}" for n in range(n_items)], name="cycle")
+
+
+@pytest.fixture(scope="module")
+def cycle():
+    data = cycle_data()
+    vectors = np.random.default_rng(1).normal(size=(data.n_items, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    fitted = seqrec.fit_on_split(data, seed=0, config=FAST, content=vectors, progress=False)
+    return data, fitted
+
+
+def test_encoder_learns_the_planted_pattern(cycle):
+    data, fitted = cycle
+    hist = data.histories("test")
+    ranking = evaluate.rank_all(fitted.encoder.scores_idx, data, "test")
+    assert (ranking.ranks == 1).mean() >= 0.9
+    # and the fused retriever too
+    assert (evaluate.rank_all(fitted.scores_idx, data, "test").ranks == 1).mean() >= 0.9
+    assert fitted.encoder.info["best_valid_ndcg@10"] > 0.8
+    assert len(hist) == data.n_users
+
+
+def test_scores_are_exact_dot_products_and_cosine_ranks_the_same(cycle):
+    data, fitted = cycle
+    histories = [[data.item_ids[i] for i in h] for h in data.histories("test")[:10]]
+    ids, items = fitted.item_vectors()
+    assert ids == data.item_ids
+    users = fitted.user_vectors(histories)
+    seq = fitted.signal_scores(histories, signals=("seq",))["seq"]
+    np.testing.assert_allclose(users @ items.T, seq, rtol=1e-5, atol=1e-5)
+    # all item vectors share one norm, so cosine similarity orders items exactly like the dot product
+    norms = np.linalg.norm(items, axis=1)
+    np.testing.assert_allclose(norms, norms[0], rtol=1e-5)
+    cosine = (users @ items.T) / (np.linalg.norm(users, axis=1, keepdims=True) * norms[None])
+    for b in range(len(users)):
+        assert list(np.argsort(-cosine[b], kind="stable")[:5]) == list(np.argsort(-seq[b], kind="stable")[:5])
+    # one user at a time gives the same vector
+    np.testing.assert_allclose(fitted.user_vector(histories[0]), users[0], rtol=1e-5, atol=1e-6)
+    assert fitted.user_vector(["not-an-item"]) is None
+
+
+def test_fused_scores_equal_fuse_of_signals(cycle):
+    data, fitted = cycle
+    histories = [[data.item_ids[i] for i in h] for h in data.histories("test")[:5]]
+    parts = fitted.signal_scores(histories)
+    assert set(parts) == {"seq", "transition", "content", "popularity"}
+    np.testing.assert_allclose(fitted.scores(histories), signals.fuse(parts, fitted.weights), rtol=1e-5, atol=1e-5)
+    # a candidate subset scores the same as the full catalog restricted to it
+    sub = [3, 7, 11]
+    np.testing.assert_allclose(signals.fuse({k: v[:, sub] for k, v in parts.items()}, fitted.weights),
+                               fitted.scores(histories)[:, sub], rtol=1e-5, atol=1e-5)
+
+
+def test_rank_excludes_history(cycle):
+    data, fitted = cycle
+    history = [data.item_ids[i] for i in data.histories("test")[0]]
+    top = fitted.rank(history, k=5, exclude={data.item_ids[0]})
+    assert len(top) == 5 and not {i for i, _ in top} & (set(history) | {data.item_ids[0]})
+    assert [s for _, s in top] == sorted((s for _, s in top), reverse=True)
+
+
+def test_checkpoint_round_trip(cycle, tmp_path):
+    data, fitted = cycle
+    fitted.save(tmp_path / "r")
+    files = {p.name for p in (tmp_path / "r").iterdir()}
+    assert {"seq.safetensors", "seq.json", "fusion.json", "transitions.npz", "content.npy"} <= files
+    assert not any(name.endswith((".pt", ".pkl", ".bin")) for name in files)
+    loaded = seqrec.CollaborativeRetriever.load(tmp_path / "r")
+    assert loaded.weights == fitted.weights
+    histories = [[data.item_ids[i] for i in h] for h in data.histories("test")[:8]]
+    np.testing.assert_allclose(loaded.scores(histories), fitted.scores(histories), rtol=1e-6, atol=1e-6)
+    enc = seqrec.SeqEncoder.load(tmp_path / "r")
+    np.testing.assert_allclose(enc.encode_users(histories), fitted.encoder.encode_users(histories), rtol=1e-6, atol=1e-6)
+    seqrec.check_fitted_on(loaded, data)
+    with pytest.raises(ModelError):
+        seqrec.check_fitted_on(loaded, cycle_data(seed=5))
+
+
+def test_bad_checkpoints_are_clean_errors(tmp_path):
+    with pytest.raises(ModelError):
+        seqrec.CollaborativeRetriever.load(tmp_path)
+    (tmp_path / "seq.json").write_text(json.dumps({"config": {"dim": 8, "bogus": 1}, "item_ids": ["a"]}))
+    with pytest.raises(ModelError):
+        seqrec.SeqEncoder.load(tmp_path)
+
+
+def test_unknown_and_empty_histories_encode():
+    data = cycle_data(n_users=10)
+    enc = seqrec.train(data.train, data.item_ids, config=seqrec.SeqConfig(dim=8, blocks=1, max_len=4, max_epochs=1),
+                       progress=False)
+    vecs = enc.encode_users([[], ["nope"], ["m1", "m2"]])
+    assert vecs.shape == (3, 9) and np.isfinite(vecs).all()
+
+
+def test_transitions_by_hand(tmp_path):
+    trans = signals.Transitions.fit([np.array([0, 1, 2]), np.array([0, 1, 3])], 4,
+                                    signals.TransitionConfig(gaps=2, gap_decay=0.5, last=1))
+    # after item 0: item 1 twice at gap 1, items 2 and 3 once each at gap 2 (weight 0.5)
+    np.testing.assert_allclose(trans.scores([[0]])[0], [0, 2, 0.5, 0.5])
+    np.testing.assert_allclose(trans.scores([[2, 1]])[0], [0, 0, 1, 1])  # only the last item votes
+    trans.save(tmp_path / "t.npz")
+    again = signals.Transitions.load(tmp_path / "t.npz")
+    np.testing.assert_allclose(again.scores([[0], [1]]), trans.scores([[0], [1]]))
+
+
+def test_choose_weights_finds_the_informative_signal():
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 50, size=40)
+    good = rng.normal(size=(40, 50)).astype(np.float32)
+    good[np.arange(40), target] += 3.0
+    noise = rng.normal(size=(40, 50)).astype(np.float32)
+    from recllm import metrics
+
+    weights, value = signals.choose_weights(
+        {"seq": noise, "good": good}, lambda s: metrics.ndcg_at_k(metrics.rank_of_targets(s, target), 10), base="seq"
+    )
+    assert weights["good"] >= 2.0 and value > 0.5
