@@ -128,8 +128,8 @@ def build_app(recommender, *, k: int = DEFAULT_K, explain: int = DEFAULT_EXPLAIN
                     with gr.Group(visible=False, elem_id=f"card-{i}", elem_classes="card") as group:
                         texts.append(gr.Markdown(elem_id=f"card-text-{i}"))
                         with gr.Row():
-                            ups.append(gr.Button("👍", size="sm", elem_id=f"up-{i}"))
-                            downs.append(gr.Button("👎", size="sm", elem_id=f"down-{i}"))
+                            ups.append(gr.Button("👍 Like", size="sm", elem_id=f"up-{i}"))
+                            downs.append(gr.Button("👎 Not for me", size="sm", elem_id=f"down-{i}"))
                     groups.append(group)
         cards = [c for pair in zip(groups, texts) for c in pair]
         outputs = [chatbot, state, status, *cards]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import re
@@ -58,6 +59,52 @@ def parse_generated(text, n_candidates, candidate_titles, matcher):
     return order, non_candidate, sorted(order) == list(range(n_candidates))
 
 
+def parse_generated_titles(text, candidate_titles):
+    """(positions in order, named non-candidate?, full ranking?) of a generated list of titles, one per line."""
+    from recllm.catalog import normalize_title
+
+    keys = [normalize_title(re.sub(r"\s*\(\d{4}\)\s*$", "", t)) for t in candidate_titles]
+    order, non_candidate = [], False
+    for line in text.splitlines():
+        entry = normalize_title(re.sub(r"^\s*(?:\d+[.)]|[-*]|\(?[A-T]\))\s*", "", line))
+        entry = re.sub(r"\s*\d{4}$", "", entry).strip()
+        if not entry:
+            continue
+        hits = [i for i, k in enumerate(keys) if k and (k == entry or (len(k) > 3 and k in entry))]
+        if hits:
+            if hits[0] not in order:
+                order.append(hits[0])
+        else:
+            non_candidate = True
+    return order, non_candidate, sorted(order) == list(range(len(candidate_titles)))
+
+
+def generation_run(lm, ranker, requests, titles, max_tokens, parse, label):
+    times, non_cand, full, ranks, samples, n_tokens = [], 0, 0, [], [], []
+    for n, (hist, cands, target) in enumerate(requests):
+        prompt = ranker.build_prompt(titles(hist), [c.title for c in cands])
+        t = time.perf_counter()
+        text = lm.generate(prompt, max_new_tokens=max_tokens)
+        times.append(time.perf_counter() - t)
+        n_tokens.append(lm.token_count(text))
+        order, nc, fl = parse(text, cands)
+        non_cand += nc
+        full += fl
+        ranks.append(order.index(target) + 1 if target in order else None)
+        samples.append(text[:200])
+        log(f"  generation ({label}) user {n + 1}: {times[-1]:.2f} s, {n_tokens[-1]} tokens, "
+            f"non-candidate={nc}, full={fl}: {text[:100]!r}")
+    if not times:
+        return {}
+    return {
+        "users": len(times), "s_median": round(statistics.median(times), 3),
+        "tokens_median": statistics.median(n_tokens),
+        "s_per_token_median": round(statistics.median(t / max(1, k) for t, k in zip(times, n_tokens)), 4),
+        "non_candidate_share": non_cand / len(times), "full_ranking_share": full / len(times),
+        "hit1": sum(r == 1 for r in ranks) / len(ranks), "samples": samples[:3],
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=20, help="users for the verbalizer timing")
@@ -65,7 +112,10 @@ def main(argv=None) -> int:
     parser.add_argument("--explain", type=int, default=5, help="explanations streamed (first-token latency)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--gen-tokens", type=int, default=80, help="max new tokens for ranking by generation")
+    parser.add_argument("--gen-mode", choices=("letters", "titles", "both", "none"), default="both",
+                        help="ranking by generation: the model writes letters, or titles one per line")
+    parser.add_argument("--gen-tokens", type=int, default=80, help="max new tokens when writing letters")
+    parser.add_argument("--gen-title-tokens", type=int, default=240, help="max new tokens when writing titles")
     parser.add_argument("--model", default=None)
     parser.add_argument("--adapter", default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -75,6 +125,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    load_start = round(os.getloadavg()[0], 2)
     from recllm.catalog import load_catalog, load_interactions
     from recllm.explain import Explainer, Explanation, TitleMatcher, evidence
     from recllm.llm import load_model
@@ -124,61 +175,69 @@ def main(argv=None) -> int:
     ranker.rank_many([(titles(h), c) for h, c, _ in requests])
     batched = (time.perf_counter() - t) / len(requests)
 
-    gen_ranker = LLMRanker(lm, prompt="rank_generate")  # same lists, asks for an ordered list of letters
     matcher = TitleMatcher(i.title for i in catalog)
-    gen_times, gen_non_cand, gen_full, gen_rank, samples = [], 0, 0, [], []
-    for n, (hist, cands, target) in enumerate(requests[: args.gen_users]):
-        prompt = gen_ranker.build_prompt(titles(hist), [c.title for c in cands])
-        t = time.perf_counter()
-        text = lm.generate(prompt, max_new_tokens=args.gen_tokens)
-        gen_times.append(time.perf_counter() - t)
-        order, non_cand, full = parse_generated(text, len(cands), [c.title for c in cands], matcher)
-        gen_non_cand += non_cand
-        gen_full += full
-        gen_rank.append(order.index(target) + 1 if target in order else None)
-        samples.append(text[:160])
-        log(f"  generation user {n + 1}: {gen_times[-1]:.2f} s, non-candidate={non_cand}, full={full}: {text[:80]!r}")
+    generation = {}
+    gen_requests = requests[: args.gen_users]
+    if args.gen_mode in ("letters", "both"):
+        gen_ranker = LLMRanker(lm, prompt="rank_generate")  # same lists, asks for an ordered list of letters
+        generation["letters"] = generation_run(
+            lm, gen_ranker, gen_requests, titles, args.gen_tokens,
+            lambda text, cands: parse_generated(text, len(cands), [c.title for c in cands], matcher), "letters")
+    if args.gen_mode in ("titles", "both"):
+        gen_ranker = LLMRanker(lm, prompt="rank_generate_titles")  # asks for the titles, one per line
+        generation["titles"] = generation_run(
+            lm, gen_ranker, gen_requests, titles, args.gen_title_tokens,
+            lambda text, cands: parse_generated_titles(text, [c.title for c in cands]), "titles")
 
     explainer = Explainer(lm, titles=matcher)
-    first_token, total, accepted, reasons = [], [], 0, []
+    first_token, first_piece, total, accepted, reasons, texts = [], [], [], 0, [], []
     for hist, cands, _ in requests[: args.explain]:
         ranked = ranker.rank(titles(hist), cands)
         item = catalog.get(ranked[0].candidate.item_id)
         ev = evidence(item, hist, None, None, n=2)
+        prefix = explainer.messages(item, ev)[-1]
+        prefix = prefix["content"] if prefix["role"] == "assistant" else ""
         t = time.perf_counter()
-        first = None
-        for piece in explainer.stream(item, ev):
-            if first is None:
-                first = time.perf_counter() - t
+        first = first_model = None
+        for idx, piece in enumerate(explainer.stream(item, ev)):
+            now = time.perf_counter() - t
+            if idx == 0:
+                first = now
+            if idx == (1 if prefix else 0):
+                first_model = now  # the first token the model wrote (the prefix is template text)
             if isinstance(piece, Explanation):
                 final = piece
         total.append(time.perf_counter() - t)
-        first_token.append(first)
+        first_piece.append(first)
+        first_token.append(first_model)
         accepted += final.source == "llm"
         reasons.append(final.rejected)
-        log(f"  explanation: first token {first:.2f} s, {final.source}: {final.text!r} ({final.rejected})")
+        texts.append(final.text)
+        log(f"  explanation: first piece {first:.3f} s, first model token {first_model:.2f} s, {final.source}: "
+            f"{final.text!r} ({final.rejected})")
 
     med_single = statistics.median(single)
-    med_gen = statistics.median(gen_times) if gen_times else float("nan")
     result = {
         "device": str(lm.device), "threads": args.threads, "model": lm.model_id, "adapter": lm.adapter_id,
-        "cpu": platform.processor() or platform.machine(), "load_s": round(load_s, 3), "users": len(requests),
+        "cpu": platform.processor() or platform.machine(), "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
+        "loadavg_1m_at_start": load_start, "load_s": round(load_s, 3), "users": len(requests),
         "prompt_tokens_median": statistics.median(tokens), "prompt_tokens_max": max(tokens),
         "verbalizer_s_median": round(med_single, 3), "verbalizer_s_p90": round(pct(single, 0.9), 3),
         "verbalizer_batched_s_per_user": round(batched, 3),
         "verbalizer_hit1": sum(r == 1 for r in verbal_rank) / len(verbal_rank),
         "verbalizer_mean_rank": statistics.mean(verbal_rank),
-        "generation_users": len(gen_times), "generation_s_median": round(med_gen, 3),
-        "speed_ratio": round(med_gen / med_single, 1) if gen_times else None,
-        "generation_non_candidate_share": gen_non_cand / len(gen_times) if gen_times else None,
-        "generation_full_ranking_share": gen_full / len(gen_times) if gen_times else None,
-        "generation_hit1": sum(r == 1 for r in gen_rank) / len(gen_rank) if gen_rank else None,
-        "generation_samples": samples[:3],
+        "generation": generation,
+        "speed_ratio_letters": (round(generation["letters"]["s_median"] / med_single, 1)
+                                if generation.get("letters") else None),
+        "speed_ratio_titles": (round(generation["titles"]["s_median"] / med_single, 1)
+                               if generation.get("titles") else None),
+        "explain_first_piece_s_median": round(statistics.median(first_piece), 4) if first_piece else None,
         "explain_first_token_s_median": round(statistics.median(first_token), 3) if first_token else None,
         "explain_first_token_s_max": round(max(first_token), 3) if first_token else None,
         "explain_total_s_median": round(statistics.median(total), 3) if total else None,
         "explain_llm_accepted_share": accepted / len(total) if total else None,
         "explain_rejections": reasons,
+        "explain_texts": texts,
     }
     if args.json:
         print(json.dumps(result, indent=2))

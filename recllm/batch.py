@@ -9,7 +9,7 @@ One input line is one request (the row contract in DESIGN.md):
 One output line per input row, in input order:
 
     {"id": "r1", "recommendations": [...], "trace": {...}}          + "answer" when the row asks "why ...?"
-    {"id": "r4", "error": "k must be between 1 and 100, got 0"}     a row that cannot be served; the run goes on
+    {"id": "r4", "error": "unknown user '4242' in ratings.csv ..."}  a row that cannot be served; the run goes on
 
 Durability: each output line is written with one `os.write` of the complete line to a file opened with
 O_APPEND, and the file is fsync'ed after every batch. A process killed at any moment (kill -9 included)
@@ -303,7 +303,7 @@ def serve(recommender, rows: list[Row], *, explain: int | None = None, trace: bo
         try:
             request, questions[row.index] = _request(recommender, row.ask, explain)
             requests.append((row, request))
-        except RecllmError as exc:
+        except Exception as exc:  # noqa: BLE001 — a bad row never stops the run
             results[row.index] = exc
     if requests:
         try:
@@ -341,8 +341,8 @@ def _one(recommender, request):
 def _answer(recommender, question: str, result) -> str:
     try:
         return recommender.why(question_item(question), result)
-    except RecllmError as exc:  # e.g. the item is not among the recommendations: say so
-        return str(exc)
+    except Exception as exc:  # noqa: BLE001 — e.g. the item is not a title: the answer says so
+        return _message(exc)
 
 
 def _message(exc: BaseException) -> str:
@@ -614,14 +614,16 @@ class BatchStats:
     rows: int = 0  # rows in the input
     skipped: int = 0  # rows whose output was already written (resume)
     served: int = 0  # rows this process sent to the recommender
-    errors: int = 0  # error rows written by this process (row problems included)
-    seconds: float = 0.0
+    errors: int = 0  # error rows in OUT (rank 0; other ranks: error rows they wrote)
+    seconds: float = 0.0  # the whole call: reading, building the recommender, serving, merging
+    serve_seconds: float = 0.0  # the serving loop of this process only
     processes: int = 1
     rank: int = 0
 
     @property
     def rows_per_s(self) -> float:
-        return self.served / self.seconds if self.seconds > 0 else 0.0
+        """Rows this process served per second of its serving loop."""
+        return self.served / self.serve_seconds if self.serve_seconds > 0 else 0.0
 
 
 def run_batch(in_path: str | Path, out_path: str | Path, *, recommender=None,
@@ -659,6 +661,7 @@ def run_batch(in_path: str | Path, out_path: str | Path, *, recommender=None,
             recommender = _build(procs, recommender_factory)
         writer = LineWriter(target, fresh=not resume and target == out_path)
         bar = _bar(progress and procs.main, total=len(todo), procs=procs)
+        serving = time.perf_counter()
         try:
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start : start + batch_size]
@@ -671,6 +674,7 @@ def run_batch(in_path: str | Path, out_path: str | Path, *, recommender=None,
         finally:
             bar.close()
             writer.close()
+            stats.serve_seconds = time.perf_counter() - serving
         if target != out_path:
             procs.barrier()  # every shard is complete
             if procs.main:
@@ -761,11 +765,11 @@ def add_arguments(parser: argparse.ArgumentParser, *, engine_options: bool = Tru
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help=f"rows per model call (default {DEFAULT_BATCH_SIZE})")  # fmt: skip
     parser.add_argument("--explain", type=int, default=None, metavar="N",
-                        help="explain the top N items of each row (default: the recommender's; 0 is fastest)")  # fmt: skip
+                        help="explain the top N items of each row (default: the recommender's; 0: fastest)")
     parser.add_argument("--no-trace", action="store_true", help="leave the trace out of each output row")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars on stderr")
     parser.add_argument("--factory", metavar="MODULE:FUNCTION",
-                        help="build the recommender with this function instead (advanced; tests, custom setups)")  # fmt: skip
+                        help="build the recommender with this function instead (tests, custom setups)")
     if engine_options:
         parser.add_argument("--catalog", metavar="PATH", help="catalog CSV/JSONL or MovieLens folder "
                             "(default: the bundled MovieLens ml-latest-small)")  # fmt: skip
@@ -774,7 +778,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, engine_options: bool = Tru
         parser.add_argument("--chroma-url", metavar="URL", help="a Chroma server, http://host:port "
                             "(default: the embedded store under $RECLLM_HOME)")  # fmt: skip
         parser.add_argument("--model", metavar="ID", help="Hugging Face causal LM id or folder (default: SmolLM2)")
-        parser.add_argument("--adapter", metavar="PATH", help="LoRA adapter folder (default: the shipped one)")
+        parser.add_argument("--adapter", metavar="PATH", help="LoRA adapter folder or name, or 'none' "
+                            "(default: the shipped one for the default model)")  # fmt: skip
         parser.add_argument("--ranker", choices=("llm", "none"), help="'none': retriever order, no LLM")
 
 
@@ -797,6 +802,8 @@ def recommender_factory(args: argparse.Namespace) -> Callable[[], object]:
             for key in ("interactions", "chroma_url", "model", "adapter", "ranker")
             if getattr(args, key, None) is not None
         }
+        if str(options.get("adapter", "")).lower() == "none":
+            options["adapter"] = None  # the base model alone
         return Recommender(getattr(args, "catalog", None), progress=not getattr(args, "quiet", False),
                            **options)  # fmt: skip
 
@@ -816,10 +823,17 @@ def run(args: argparse.Namespace) -> int:
         retry_errors=args.retry_errors,
         progress=not args.quiet,
     )
+    if stats.processes > 1:  # every process: how its share went (load balance)
+        print(f"recllm batch: rank {stats.rank} of {stats.processes} served {stats.served} rows in "
+              f"{stats.serve_seconds:.1f} s ({stats.rows_per_s:.2f} rows/s)", file=sys.stderr)  # fmt: skip
     if stats.rank == 0:
         shards = f" on {stats.processes} processes" if stats.processes > 1 else ""
-        print(f"recllm batch: {stats.rows} rows → {args.output} ({stats.skipped} already done, {stats.served} served"
-              f"{shards}, {stats.errors} error rows) in {stats.seconds:.1f} s", file=sys.stderr)  # fmt: skip
+        print(f"recllm batch: {stats.rows} rows → {args.output} ({stats.skipped} already done, "
+              f"{stats.rows - stats.skipped} new{shards}; {stats.errors} error rows) in {stats.seconds:.1f} s",
+              file=sys.stderr)  # fmt: skip
+        if stats.processes == 1:
+            print(f"recllm batch: served {stats.served} rows in {stats.serve_seconds:.1f} s "
+                  f"({stats.rows_per_s:.2f} rows/s)", file=sys.stderr)  # fmt: skip
     return 0
 
 

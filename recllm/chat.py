@@ -8,8 +8,9 @@ it. State lives on the session object only, so concurrent sessions never mix.
 Understanding is deterministic: rules find intents, refinements, constraints and item references; titles
 are spotted by exact lookup of candidate spans (n-grams, quoted text, the words after "loved", "like",
 ...) in a title index built from the catalog, with guards against common words ("Kids", "Up", "It").
-Only when the rules find nothing to act on is the message compared by embedding similarity with example
-messages (`prompts/chat_intents.txt`). The language model only ranks and phrases, inside the engine.
+When the rules find nothing to act on, or nothing but free text (which may be a paraphrased command: "go
+back further in time"), the message is compared by embedding similarity with example messages
+(`prompts/chat_intents.txt`). The language model only ranks and phrases, inside the engine.
 
 One turn:
     parse(message) -> Parsed            what the message asks (pure, no state change)

@@ -255,7 +255,7 @@ def rank_all(scorer: Scorer, data: EvalData, phase: str = "test", *, n_top: int 
         ranks[lo : lo + len(hist)] = metrics.rank_of_targets(scores, targets[lo : lo + len(hist)])
         best = metrics.top_k(scores, n_top)
         finite = np.isfinite(np.take_along_axis(scores, best, axis=1))
-        top[lo : lo + len(hist)] = np.where(finite, best, -1)
+        top[lo : lo + len(hist), : best.shape[1]] = np.where(finite, best, -1)
     return Ranking(ranks=ranks, top=top)
 
 

@@ -8,9 +8,12 @@ the recommended item and the evidence titles, and then the fallback sentence (pr
 is used: it is built only from the evidence, so it never claims an item the user does not have.
 
 Title matching (`TitleMatcher`): words compared after removing accents and punctuation, at word boundaries,
-case-insensitive for titles of two or more words. A one-word title counts only when written with its own
-capitalisation ("Heat", not "the heat"), and one-word titles that are common English words ("It", "Her", "Up")
-or of one or two characters are not matched at all: otherwise almost any sentence would "name" a movie.
+case-insensitively, with three guards against ordinary phrases being taken for titles (otherwise almost any
+sentence would "name" a movie): a title of two or more words counts when one of its significant (non-stop)
+words is capitalised or it has three or more significant words ("superhero movie" is not "Superhero Movie",
+"toy Story" and "back to the future part iii" count); a one-word title counts only when written with its own
+capitalisation ("Heat", not "the heat"); one-word titles that are common English words ("It", "Her", "Up")
+or of one or two characters are not matched at all.
 """
 
 from __future__ import annotations
@@ -131,22 +134,34 @@ def _words(text: str) -> list[str]:
     return re.findall(r"\w+", "".join(c for c in text if not unicodedata.combining(c)))
 
 
+def _looks_like_a_title(words: Sequence[str]) -> bool:
+    """A phrase of 2+ words names a title when one of its significant words is capitalised, or when it has 3+
+    significant words ("superhero movie" and "the game" are ordinary phrases; "Toy Story" is a title)."""
+    significant = [w for w in words if w.lower() not in STOPWORDS] or list(words)
+    return len(significant) >= 3 or any(w[:1].isupper() for w in significant)
+
+
 class TitleMatcher:
     """Finds catalog titles named in a text (see module doc for the matching rules)."""
 
     def __init__(self, titles: Iterable[str]) -> None:
         self._index: dict[str, list[tuple[tuple[str, ...], str]]] = {}
-        for title in dict.fromkeys(t for t in titles if t):
-            self.add(title)
+        self._titles: set[str] = set()
+        for title in titles:
+            self.add(title, sort=False)
+        for bucket in self._index.values():
+            bucket.sort(key=lambda kt: -len(kt[0]))  # longest titles first
 
-    def add(self, title: str) -> None:
-        words = _words(title)
-        key = tuple(w.lower() for w in words)
+    def add(self, title: str, sort: bool = True) -> None:
+        if not title or title in self._titles:
+            return
+        self._titles.add(title)
+        key = tuple(w.lower() for w in _words(title))
         if not key or (len(key) == 1 and (len(key[0]) <= 2 or key[0] in STOPWORDS)):
             return
         bucket = self._index.setdefault(key[0], [])
-        if all(title != t for _, t in bucket):
-            bucket.append((key, title))
+        bucket.append((key, title))
+        if sort:
             bucket.sort(key=lambda kt: -len(kt[0]))
 
     def __contains__(self, title: str) -> bool:
@@ -164,6 +179,8 @@ class TitleMatcher:
                     continue
                 if len(key) == 1 and words[i] != _words(title)[0]:
                     continue  # one-word titles only with their own capitalisation
+                if len(key) > 1 and not _looks_like_a_title(words[i:i + len(key)]):
+                    continue
                 found.append((i, i + len(key), title))
         return found
 
@@ -174,6 +191,7 @@ class TitleMatcher:
         """A copy that also knows `titles`."""
         out = TitleMatcher([])
         out._index = {k: list(v) for k, v in self._index.items()}
+        out._titles = set(self._titles)
         for title in titles:
             out.add(title)
         return out

@@ -497,7 +497,9 @@ def apply_adapter(lm: LM, adapter: str | Path, *, allow_mismatch: bool = False, 
 
     base = copy.deepcopy(lm.model) if copy_model else lm.model
     try:
-        merged = PeftModel.from_pretrained(base, str(folder), is_trainable=False).merge_and_unload()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations triggered inside peft
+            merged = PeftModel.from_pretrained(base, str(folder), is_trainable=False).merge_and_unload()
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt files, shape mismatches
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise AdapterError(f"Cannot load adapter {folder.name}: {first} (is the folder complete?)") from exc
@@ -511,7 +513,9 @@ def add_lora(lm: LM, *, r: int = 8, alpha: int = 16, dropout: float = 0.05,
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                         task_type="CAUSAL_LM")
-    peft_model = get_peft_model(copy.deepcopy(lm.model), config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(copy.deepcopy(lm.model), config)
     out = LM(peft_model, lm.tokenizer, lm.model_id)
     out.model.train()
     return out

@@ -48,7 +48,7 @@ class SeqConfig:
     patience: int = 20  # epochs without a better validation NDCG@10 before stopping
     time_budget_s: float = 480.0  # stop training after this many seconds (best epoch is kept)
     bias: bool = True  # per-item output bias (folded into the vectors as a last coordinate)
-    threads: int = 2  # torch CPU threads
+    threads: int = 1  # torch CPU threads (more only on an idle machine: busy cores make OpenMP spin)
 
     @classmethod
     def from_dict(cls, data: dict) -> "SeqConfig":

@@ -42,10 +42,8 @@ class Transitions:
         self.indices = np.asarray(indices, dtype=np.int64)
         self.data = np.asarray(data, dtype=np.float32)
         self.config = config
-        totals = np.add.reduceat(self.data, self.indptr[:-1]) if self.data.size else np.zeros(n_items)
-        empty = self.indptr[1:] == self.indptr[:-1]
-        totals = np.where(empty, 0.0, totals)
-        self.row_totals = totals.astype(np.float32)
+        rows = np.repeat(np.arange(n_items), np.diff(self.indptr))
+        self.row_totals = np.bincount(rows, weights=self.data, minlength=n_items).astype(np.float32)
 
     @classmethod
     def fit(cls, sequences, n_items: int, config: TransitionConfig | None = None) -> "Transitions":

@@ -353,6 +353,8 @@ class ItemStore:
         for start in range(0, len(stale), step):
             self._call("deleting items", collection.delete, ids=stale[start:start + step])
         stats.deleted = len(stale)
+        # Similar lengths in a batch waste less padding; the order of upserts does not matter.
+        todo.sort(key=lambda item: len(item.text))
         bar = None
         if progress and todo:
             from tqdm import tqdm
@@ -362,7 +364,7 @@ class ItemStore:
         try:
             for start in range(0, len(todo), step):
                 batch = todo[start:start + step]
-                vectors = embedder.encode([item.text for item in batch], progress=False)
+                vectors = embedder.encode([item.text for item in batch], batch_size=min(step, 128), progress=False)
                 metadatas = [{**item_metadata(item), HASH_KEY: item.content_hash} for item in batch]
                 self._call("writing items", collection.upsert, ids=[item.item_id for item in batch],
                            embeddings=vectors, metadatas=metadatas)

@@ -471,6 +471,22 @@ def test_two_processes_match_one_row_for_row(tmp_path, reference):
     assert out.read_bytes() == full
 
 
+@pytest.mark.slow
+def test_accelerate_launch_splits_rows_too(tmp_path, reference):
+    """`accelerate launch --multi_gpu --num_processes 2` (torch elastic underneath) also runs 2 processes on
+    CPU (`--cpu` would start only one); the merged output is the 1-process output."""
+    src, full = reference
+    out = tmp_path / "out.jsonl"
+    log = tmp_path / "served.log"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(_free_port()),
+           "-m", "recllm.batch", str(src), "-o", str(out), "--factory", "test_batch:fake", "-q"]  # fmt: skip
+    done = subprocess.run(cmd, env=_env(RECLLM_FAKE_LOG=str(log)), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.read_bytes() == full
+    assert {entry.split()[0] for entry in log.read_text().splitlines()} == {"0", "1"}
+
+
 def _free_port() -> int:
     import socket
 

@@ -78,16 +78,18 @@ def test_bundled_movielens_counts_match_llamarec(movielens):
 def test_split_properties_on_movielens(movielens):
     catalog, interactions, data = movielens
     sequences = interactions.sequences()
+    test_inputs, valid_inputs = data.histories("test"), data.histories("valid")
     for u, user in enumerate(data.user_ids):
         train = [data.item_ids[i] for i in data.train[u]]
         valid, test = data.item_ids[data.valid[u]], data.item_ids[data.test[u]]
         # the held-out items never appear in the user's training data or model input
         assert test not in train and test != valid
         assert valid not in train
-        assert data.test[u] not in data.histories("test")[u]
-        assert data.valid[u] not in data.histories("valid")[u]
+        assert data.test[u] not in test_inputs[u]
+        assert data.valid[u] not in valid_inputs[u]
         # chronological: every train event <= validation <= test in time, in file order on ties
-        order = [item for item, _ in sequences[user] if item in set(train) | {valid, test}]
+        kept = set(train) | {valid, test}
+        order = [item for item, _ in sequences[user] if item in kept]
         assert order == train + [valid, test]
         times = {item: ts for item, ts in sequences[user]}
         assert max(times[i] for i in train) <= times[valid] <= times[test]

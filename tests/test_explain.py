@@ -86,7 +86,9 @@ def test_fallback_sentences():
 
 
 def test_matcher_rules():
-    assert MATCHER.find("You will love toy story, trust me.") == ["Toy Story"]
+    assert MATCHER.find("You will love toy Story, trust me.") == ["Toy Story"]
+    assert MATCHER.find("a toy story about notting hill") == []  # lower-case two-word phrases are ordinary
+    assert TitleMatcher(["Back to the Future Part III"]).find("like back to the future part iii") != []
     assert MATCHER.find("Like Toy Story 2 it is fun") == ["Toy Story 2", "Toy Story"]
     assert MATCHER.find("The heat of the moment") == []  # one-word title only as written: "Heat"
     assert MATCHER.find("Fans of Heat will like it") == ["Heat"]
@@ -172,7 +174,8 @@ def test_property_validator_never_passes_a_title_outside_the_evidence(catalog, d
     named = data.draw(st.lists(st.sampled_from(catalog), min_size=1, max_size=4))
     pieces = []
     for title in named:
-        case = data.draw(st.sampled_from([str.lower, str.upper, str.title]))
+        cases = [str.upper, str.title] + ([str.lower] if len(title.split()) >= 3 else [])
+        case = data.draw(st.sampled_from(cases))
         pieces += [data.draw(st.sampled_from(FILLER)), case(title), "and"]
     text = " ".join(pieces) + "."
     verdict = validate(text, allowed=allowed, matcher=matcher, max_chars=10_000)

@@ -109,7 +109,7 @@ def test_bad_checkpoints_are_clean_errors(tmp_path):
 
 
 def test_unknown_and_empty_histories_encode():
-    data = cycle_data(n_users=10)
+    data = cycle_data(n_users=30)
     enc = seqrec.train(data.train, data.item_ids, config=seqrec.SeqConfig(dim=8, blocks=1, max_len=4, max_epochs=1),
                        progress=False)
     vecs = enc.encode_users([[], ["nope"], ["m1", "m2"]])

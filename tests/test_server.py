@@ -122,8 +122,8 @@ def _embedder():
 def test_recommend_cli_against_the_server(indexed, small_catalog_files, tmp_path):
     url, _ = indexed
     catalog, interactions = small_catalog_files
-    done = _run([sys.executable, "-m", "recllm", "recommend", "--user", "1", "-k", "5", "--json", "-q",
-                 "--catalog", str(catalog), "--interactions", str(interactions), "--chroma-url", url], tmp_path)  # fmt: skip
+    done = _run([sys.executable, "-m", "recllm", "recommend", "--user", "1", "-k", "5", "--json", "-q", "--catalog",
+                 str(catalog), "--interactions", str(interactions), "--chroma-url", url], tmp_path)  # fmt: skip
     rows = json.loads(done.stdout)
     from recllm.catalog import load_catalog
 
