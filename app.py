@@ -111,7 +111,7 @@ def build_app(recommender, *, k: int = DEFAULT_K, explain: int = DEFAULT_EXPLAIN
         with gr.Row():
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(elem_id="chat", label="Conversation", height=520, buttons=["copy"],
-                                     feedback_options=None, placeholder="Tell me a movie you like, or what "
+                                     feedback_options=None, group_consecutive_messages=False, placeholder="Tell me a movie you like, or what "
                                      "you are in the mood for: “a funny space movie for kids”.")
                 with gr.Row():
                     box = gr.Textbox(show_label=False, placeholder="I loved Heat and Toy Story…", scale=5,

@@ -71,6 +71,8 @@ def via_session(recommender, messages):
         reply = None
         for reply in session.respond_stream(message):
             now = time.perf_counter() - t0
+            if reply.intent == "thinking":
+                continue
             if t_list is None and reply.items:
                 t_list = now
             if t_token is None and reply.items and reply.items[0].reason:
@@ -97,8 +99,7 @@ def screenshot(url: str, path: Path) -> None:
                 page.locator("#message textarea").fill(message)
                 page.locator("#send").click()
                 expect(page.locator("#chat .message-row")).to_have_count(2 * (n + 1))
-                expect(page.locator("#send")).to_be_enabled()
-                page.wait_for_function("() => !document.querySelector('#chat .pending')")
+                page.wait_for_function("() => !document.querySelector('.generating, .pending')")
             page.locator("#down-0").click()
             expect(page.locator("#chat")).to_contain_text("Noted: not")
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +116,7 @@ def via_app(recommender, messages, shot: Path | None = None):
     url = chat_app.launch(demo, port=free_port(), block=False)
     try:
         client = Client(url, verbose=False)
-        for message in messages:
+        for n_turn, message in enumerate(messages, start=1):
             t0 = time.perf_counter()
             t_list = t_token = None
             out = None
@@ -123,6 +124,8 @@ def via_app(recommender, messages, shot: Path | None = None):
             for out in job:  # one output per streamed update: (box, chat, status, card 1..5)
                 now = time.perf_counter() - t0
                 cards = [c for c in out[3:] if c]
+                if not out[1] or out[1][-1]["role"] != "assistant" or len(out[1]) < 2 * n_turn:
+                    continue  # the new reply is not there yet (old cards stay up meanwhile)
                 if t_list is None and cards:
                     t_list = now
                 if t_token is None and cards and "\n\n" in cards[0]:  # a reason follows the genres line

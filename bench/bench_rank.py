@@ -11,7 +11,9 @@ last one; candidates = the last item plus 19 random unseen catalog items, shuffl
   or a catalog title that is not a candidate), share that are not a full ranking of the candidates;
 - hit@1 / mean rank of the held-out item under both (the untuned model is near chance: see DESIGN.md);
 - explanations: time to the first streamed token, total time, share accepted by the validator.
-Figures go to stdout (`--json` for one JSON object); progress to stderr.
+Figures go to stdout (`--json` for one JSON object); progress to stderr. Wall times depend on what else runs on
+the machine, so the 1-minute load average and process CPU seconds (`*_cpu_s`, all threads summed) are reported
+too: with N free cores and N threads, wall time is about CPU seconds / N.
 """
 
 from __future__ import annotations
@@ -80,12 +82,13 @@ def parse_generated_titles(text, candidate_titles):
 
 
 def generation_run(lm, ranker, requests, titles, max_tokens, parse, label):
-    times, non_cand, full, ranks, samples, n_tokens = [], 0, 0, [], [], []
+    times, cpu, non_cand, full, ranks, samples, n_tokens = [], [], 0, 0, [], [], []
     for n, (hist, cands, target) in enumerate(requests):
         prompt = ranker.build_prompt(titles(hist), [c.title for c in cands])
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         text = lm.generate(prompt, max_new_tokens=max_tokens)
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
         n_tokens.append(lm.token_count(text))
         order, nc, fl = parse(text, cands)
         non_cand += nc
@@ -98,6 +101,7 @@ def generation_run(lm, ranker, requests, titles, max_tokens, parse, label):
         return {}
     return {
         "users": len(times), "s_median": round(statistics.median(times), 3),
+        "cpu_s_median": round(statistics.median(cpu), 3),
         "tokens_median": statistics.median(n_tokens),
         "s_per_token_median": round(statistics.median(t / max(1, k) for t, k in zip(times, n_tokens)), 4),
         "non_candidate_share": non_cand / len(times), "full_ranking_share": full / len(times),
@@ -163,11 +167,12 @@ def main(argv=None) -> int:
 
     ranker.rank(titles(requests[0][0]), requests[0][1])  # warm-up
     tokens = [lm.token_count(ranker.build_prompt(titles(h), [c.title for c in c_])) for h, c_, _ in requests]
-    single, verbal_rank = [], []
+    single, single_cpu, verbal_rank = [], [], []
     for n, (hist, cands, target) in enumerate(requests):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         ranked = ranker.rank(titles(hist), cands)
         single.append(time.perf_counter() - t)
+        single_cpu.append(time.process_time() - c)
         verbal_rank.append([r.candidate.item_id for r in ranked].index(cands[target].item_id) + 1)
         log(f"  verbalizer user {n + 1}/{len(requests)}: {single[-1]:.3f} s, {tokens[n]} tokens")
     t = time.perf_counter()
@@ -190,14 +195,14 @@ def main(argv=None) -> int:
             lambda text, cands: parse_generated_titles(text, [c.title for c in cands]), "titles")
 
     explainer = Explainer(lm, titles=matcher)
-    first_token, first_piece, total, accepted, reasons, texts = [], [], [], 0, [], []
+    first_token, first_cpu, first_piece, total, accepted, reasons, texts = [], [], [], [], 0, [], []
     for hist, cands, _ in requests[: args.explain]:
         ranked = ranker.rank(titles(hist), cands)
         item = catalog.get(ranked[0].candidate.item_id)
         ev = evidence(item, hist, None, None, n=2)
         prefix = explainer.messages(item, ev)[-1]
         prefix = prefix["content"] if prefix["role"] == "assistant" else ""
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         first = first_model = None
         for idx, piece in enumerate(explainer.stream(item, ev)):
             now = time.perf_counter() - t
@@ -205,6 +210,7 @@ def main(argv=None) -> int:
                 first = now
             if idx == (1 if prefix else 0):
                 first_model = now  # the first token the model wrote (the prefix is template text)
+                first_cpu.append(time.process_time() - c)
             if isinstance(piece, Explanation):
                 final = piece
         total.append(time.perf_counter() - t)
@@ -223,6 +229,7 @@ def main(argv=None) -> int:
         "loadavg_1m_at_start": load_start, "load_s": round(load_s, 3), "users": len(requests),
         "prompt_tokens_median": statistics.median(tokens), "prompt_tokens_max": max(tokens),
         "verbalizer_s_median": round(med_single, 3), "verbalizer_s_p90": round(pct(single, 0.9), 3),
+        "verbalizer_cpu_s_median": round(statistics.median(single_cpu), 3),
         "verbalizer_batched_s_per_user": round(batched, 3),
         "verbalizer_hit1": sum(r == 1 for r in verbal_rank) / len(verbal_rank),
         "verbalizer_mean_rank": statistics.mean(verbal_rank),
@@ -234,6 +241,7 @@ def main(argv=None) -> int:
         "explain_first_piece_s_median": round(statistics.median(first_piece), 4) if first_piece else None,
         "explain_first_token_s_median": round(statistics.median(first_token), 3) if first_token else None,
         "explain_first_token_s_max": round(max(first_token), 3) if first_token else None,
+        "explain_first_token_cpu_s_median": round(statistics.median(first_cpu), 3) if first_cpu else None,
         "explain_total_s_median": round(statistics.median(total), 3) if total else None,
         "explain_llm_accepted_share": accepted / len(total) if total else None,
         "explain_rejections": reasons,

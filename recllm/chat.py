@@ -45,6 +45,8 @@ INTENT_MIN_SIM_UNCLEAR = 0.60  # ... for a message the rules could make nothing 
 RECENT_YEARS = 5  # "recent" = the catalog's newest 5 years
 OLD_BEFORE = 1980  # "old" / "classic" = before this year
 PROFILE_TITLES = 8  # titles named per line of "what do you know about me?"
+KEEP_RESULTS = 10  # results (traces) of the last turns kept for "why X?" about an earlier list
+KEEP_MESSAGES = 400  # transcript messages kept per session
 VIOLENT_GENRES = ("Horror", "Thriller", "War", "Crime")  # excluded by "less violent"
 KIDS_GENRES = ("Children", "Animation")  # required (any) by "for kids"
 
@@ -941,7 +943,7 @@ class Reply:
 
     text: str
     items: list[Card] = field(default_factory=list)
-    intent: str = "note"  # recommend | why | profile | reset | user | feedback | clarify | help | greet | error
+    intent: str = "note"  # recommend | why | profile | reset | feedback | clarify | help | greet | error | thinking
     done: bool = True
 
 
@@ -1025,6 +1027,7 @@ class ChatSession:
         self.shown: list[Card] = []
         self.result = None  # the engine Result of the list shown now
         self._results: dict[str, object] = {}  # item id -> Result of the turn that showed it
+        self._recent: list = []  # the last KEEP_RESULTS results
         self.focus: str | None = None  # the item last discussed ("not that one")
         self.turns = 0
 
@@ -1061,6 +1064,7 @@ class ChatSession:
         if plan.reply is not None:
             yield self._say(plan.reply)
             return
+        yield Reply("", list(self.shown), "thinking", done=False)  # the message is taken: a UI can show it now
         yield from self._recommend_stream(plan.acks)
 
     def use_user(self, user_id: str) -> Reply:
@@ -1076,6 +1080,7 @@ class ChatSession:
         if reply is not None:
             yield self._say(reply)
             return
+        yield Reply("", list(self.shown), "thinking", done=False)
         yield from self._recommend_stream(acks)
 
     def feedback(self, item_id: str, up: bool) -> Reply:
@@ -1371,6 +1376,9 @@ class ChatSession:
                 self.shown, self.result, self.focus = cards, result, None
                 for card in cards:
                     self._results[card.item_id] = result
+                self._recent = [*self._recent, result][-KEEP_RESULTS:]
+                recent = {id(r) for r in self._recent}
+                self._results = {i: r for i, r in self._results.items() if id(r) in recent}
                 head = " ".join([*acks, self._intro(len(cards), filters)])
                 self.messages.append({"role": "assistant", "content": ""})
                 message = self.messages[-1]
@@ -1422,6 +1430,7 @@ class ChatSession:
         """Record a finished reply in the transcript."""
         with self._lock:
             self.messages.append({"role": "assistant", "content": reply.text})
+            del self.messages[:-KEEP_MESSAGES]
         return reply
 
 

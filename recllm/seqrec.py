@@ -33,20 +33,21 @@ CONFIG_FILE = "seq.json"
 class SeqConfig:
     """Model and training settings. Defaults are the ones measured best on ml-latest-small."""
 
-    dim: int = 64  # embedding / hidden size
+    dim: int = 64  # embedding / hidden size (128 overfits ml-latest-small)
     blocks: int = 2  # transformer blocks
     heads: int = 1  # attention heads
-    max_len: int = 200  # most recent history items the encoder reads
-    dropout: float = 0.2  # on embeddings, attention and feed-forward
+    max_len: int = 50  # most recent history items the encoder reads
+    dropout: float = 0.3  # on embeddings, attention and feed-forward
     item_dropout: float = 0.0  # training only: chance an input item is replaced by padding
     label_smoothing: float = 0.0  # cross-entropy label smoothing
-    lr: float = 1e-3  # AdamW learning rate
+    lr: float = 2e-3  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
-    batch_size: int = 64  # training windows per step
-    max_epochs: int = 200  # hard cap on epochs
-    min_epochs: int = 20  # no early stop before this (validation dips early on)
-    patience: int = 20  # epochs without a better validation NDCG@10 before stopping
-    time_budget_s: float = 480.0  # stop training after this many seconds (best epoch is kept)
+    batch_size: int = 32  # training windows per step (small batches: more steps per epoch on tiny data)
+    max_epochs: int = 60  # hard cap on epochs
+    min_epochs: int = 10  # no early stop before this (validation NDCG dips early on)
+    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
+    time_budget_s: float = 420.0  # stop training after this many wall seconds (the best epoch is kept)
+    valid_users: int = 5000  # validation users (a fixed sample) scored after each epoch
     bias: bool = True  # per-item output bias (folded into the vectors as a last coordinate)
     threads: int = 1  # torch CPU threads (more only on an idle machine: busy cores make OpenMP spin)
 
@@ -270,6 +271,12 @@ def train(
     model = SASRec(n, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     enc = SeqEncoder(model, item_ids, cfg)
+    if valid_targets is not None:
+        vusers = np.arange(len(train_seqs))
+        if len(vusers) > cfg.valid_users:
+            vusers = np.sort(rng.choice(vusers, cfg.valid_users, replace=False))
+        vseqs = [train_seqs[u] for u in vusers]
+        vtargets = np.asarray(valid_targets)[vusers]
     log: list[dict] = []
     best, best_state, best_epoch, bad = -1.0, None, 0, 0
     start = time.monotonic()
@@ -299,7 +306,7 @@ def train(
         entry = {"epoch": epoch, "loss": total / max(count, 1), "seconds": round(time.monotonic() - start, 1)}
         if valid_targets is not None:
             model.eval()
-            entry["valid_ndcg@10"] = _ndcg10(enc.scores_idx(train_seqs), train_seqs, valid_targets)
+            entry["valid_ndcg@10"] = _ndcg10(enc.scores_idx(vseqs), vseqs, vtargets)
             if entry["valid_ndcg@10"] > best:
                 best, best_epoch, bad = entry["valid_ndcg@10"], epoch, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -414,6 +421,52 @@ class CollaborativeRetriever:
         """(B, N) fused scores over `item_ids`."""
         return self.scores_idx(self._idx(histories))
 
+    def candidate_signals(self, history: list[str], item_ids: list[str],
+                          content: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """(M,) per signal for any candidate ids (e.g. the union of Chroma hits), ready for `signals.fuse`.
+
+        Items this retriever was not fitted on (cold items) get the user's lowest seq score and zero
+        transition/popularity, so only their content score can lift them. `content`: the caller's
+        cosine similarities for `item_ids` (e.g. from the text collection); when None the saved text
+        vectors are used and cold items get the user's lowest content score.
+        """
+        full = self.signal_scores([history], signals=tuple(n for n, w in self.weights.items() if w))
+        pos = np.array([self.index.get(i, -1) for i in item_ids], dtype=np.int64)
+        known = pos >= 0
+        out: dict[str, np.ndarray] = {}
+        for name, s in full.items():
+            row = s[0]
+            if name == "content" and content is not None:
+                continue
+            floor = float(row.min()) if name in ("seq", "content") else 0.0
+            col = np.full(len(item_ids), floor, dtype=np.float32)
+            col[known] = row[pos[known]]
+            out[name] = col
+        if content is not None and self.weights.get("content"):
+            out["content"] = np.asarray(content, dtype=np.float32)
+        return out
+
+    def make_fuse(self, history: list[str]):
+        """A `recllm.retrieve.Fuse` (ranked lists per signal, k) -> [(item id, score)] that re-scores the
+        union of the lists with this retriever's signals and weights (score fusion, not rank fusion).
+        Content similarities come from the list named "content"; items missing from it get its lowest."""
+        from recllm.signals import fuse
+
+        def fuse_ranked(ranked: dict[str, list[tuple[str, float]]], k: int) -> list[tuple[str, float]]:
+            ids = list(dict.fromkeys(i for hits in ranked.values() for i, _ in hits))
+            if not ids:
+                return []
+            content = None
+            if ranked.get("content"):
+                table = dict(ranked["content"])
+                low = min(table.values())
+                content = np.array([table.get(i, low) for i in ids], dtype=np.float32)
+            scores = fuse(self.candidate_signals(history, ids, content), self.weights)
+            order = np.argsort(-scores, kind="stable")[:k]
+            return [(ids[i], float(scores[i])) for i in order]
+
+        return fuse_ranked
+
     def rank(self, history: list[str], k: int = 20, exclude=()) -> list[tuple[str, float]]:
         """Top-k (item id, fused score), best first, never an item of `history` or `exclude`."""
         s = self.scores([history])[0]
@@ -475,7 +528,7 @@ TRANSITION_GRID = {
     "normalize": (0.0, 0.5, 0.75, 1.0),
     "backward": (0.0, 0.3, 0.6, 1.0),
 }
-TUNE_USERS = 3000  # validation users used to choose transition settings and fusion weights
+TUNE_USERS = 2000  # validation users used to choose transition settings and fusion weights
 
 
 def tune_transitions(data, users: np.ndarray, *, start=None, rounds: int = 2):

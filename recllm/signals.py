@@ -153,12 +153,16 @@ def fuse(signal_scores: dict[str, np.ndarray], weights: dict[str, float]) -> np.
     return total
 
 
+WEIGHT_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0,
+               20.0, 30.0, 50.0, 100.0)  # candidate weights relative to the base signal
+
+
 def choose_weights(
     signal_scores: dict[str, np.ndarray],
     evaluate,
     *,
     base: str = "seq",
-    grid=(0.0, 0.03, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0),
+    grid=WEIGHT_GRID,
     rounds: int = 2,
 ) -> tuple[dict[str, float], float]:
     """Coordinate search for fusion weights maximising `evaluate(fused_scores) -> float`.

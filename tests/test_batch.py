@@ -317,6 +317,30 @@ def test_refuses_to_overwrite_the_input(tmp_path):
         run_batch(tmp_path / "missing.jsonl", tmp_path / "o.jsonl", recommender=FakeRecommender())
 
 
+def test_command_line(tmp_path, capsys, monkeypatch):
+    """`python -m recllm.batch` / `recllm batch`: arguments, summary on stderr, one-line errors with status 1."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    src = write_input(tmp_path / "in.jsonl", make_rows(6))
+    out = tmp_path / "out.jsonl"
+    assert batch.main([str(src), "-o", str(out), "--factory", "test_batch:fake", "-q", "--batch-size", "4"]) == 0
+    err = capsys.readouterr().err
+    assert f"recllm batch: 6 rows → {out} (0 already done, 6 new; 0 error rows)" in err
+    assert "served 6 rows in" in err and len(out_lines(out)) == 6
+    assert batch.main([str(tmp_path / "nope.jsonl"), "-o", str(out), "--factory", "test_batch:fake"]) == 1
+    assert capsys.readouterr().err.startswith("recllm batch: cannot read")
+    assert batch.main([str(src), "-o", str(out), "--factory", "no_such_module:x"]) == 1
+    assert "--factory no_such_module:x: No module named" in capsys.readouterr().err
+    parser = argparse.ArgumentParser()
+    batch.add_arguments(parser)
+    args = parser.parse_args([str(src), "-o", str(out), "--adapter", "none", "--ranker", "none", "--resume"])
+    built = {}
+    monkeypatch.setattr("recllm.engine.Recommender", lambda catalog, **kw: built.update(kw, catalog=catalog))
+    batch.recommender_factory(args)()
+    assert built == {"catalog": None, "adapter": None, "ranker": "none", "progress": True}
+
+
 # ---------------------------------------------------------------- resume
 
 

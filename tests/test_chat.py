@@ -346,7 +346,8 @@ def test_embedding_similarity_catches_paraphrases(session):
 
 def test_streaming_yields_the_list_first_then_the_reasons(session):
     replies = list(session.respond_stream("I loved Heat and Toy Story"))
-    assert replies[0].items and not replies[0].done and replies[-1].done
+    assert replies[0].intent == "thinking" and not replies[0].items  # at once, before the engine runs
+    assert replies[1].items and not replies[1].done and replies[-1].done
     assert all(card.reason for card in replies[-1].items[:3])
     assert session.messages[-1] == {"role": "assistant", "content": replies[-1].text}
 
@@ -355,7 +356,7 @@ def test_streams_from_the_tiny_language_model(chat_home, tiny_lm):
     rec = build_recommender(chat_home, ranker="llm", lm=tiny_lm)
     session = ChatSession(rec, explain=1)
     replies = list(session.respond_stream("I loved Heat and Toy Story"))
-    assert len(replies) >= 3  # the list, then the first reason piece by piece
+    assert len(replies) >= 4  # thinking, the list, then the first reason piece by piece
     final = replies[-1]
     assert final.done and final.items[0].reason == session.result.recommendations[0].explanation
     assert session.result.trace["ranker"]["model"]  # ranked by the language model

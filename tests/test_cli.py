@@ -129,6 +129,20 @@ def test_unreachable_chroma_server(capsys, small_catalog_files):
     assert_one_line_error(code, err, "cannot reach the Chroma server")
 
 
+def test_ctrl_c_is_one_line_exit_130(capsys, monkeypatch, small_catalog_files):
+    import recllm.embed
+
+    class Interrupted:
+        model_id, dim = "interrupted-embedder", 4
+
+        def encode(self, texts, batch_size=64, progress=True):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(recllm.embed, "get_embedder", lambda *a, **k: Interrupted())
+    code, out, err = run(capsys, "index", "--catalog", small_catalog_files[0], "-q")
+    assert code == 130 and err.strip() == "error: interrupted" and out == ""
+
+
 def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["recommend", "-k", "3"])

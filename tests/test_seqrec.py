@@ -139,3 +139,21 @@ def test_choose_weights_finds_the_informative_signal():
         {"seq": noise, "good": good}, lambda s: metrics.ndcg_at_k(metrics.rank_of_targets(s, target), 10), base="seq"
     )
     assert weights["good"] >= 2.0 and value > 0.5
+
+
+def test_candidate_signals_and_make_fuse_for_the_chroma_path(cycle):
+    data, fitted = cycle
+    history = [data.item_ids[i] for i in data.histories("test")[0]]
+    cands = ["m3", "cold-item", "m7"]
+    sig = fitted.candidate_signals(history, cands, content=np.array([0.1, 0.9, 0.2], dtype=np.float32))
+    full = fitted.signal_scores([history])
+    used = {n for n, w in fitted.weights.items() if w}
+    assert set(sig) == used | ({"content"} if fitted.weights.get("content") else set())
+    if "seq" in sig:
+        assert sig["seq"][0] == pytest.approx(full["seq"][0, 3])
+        assert sig["seq"][1] == pytest.approx(full["seq"][0].min())  # a cold item sits at the bottom of seq
+    fuse = fitted.make_fuse(history)
+    ranked = {"content": [("m3", 0.1), ("cold-item", 0.9)], "seq": [("m7", 5.0), ("m3", 4.0)]}
+    out = fuse(ranked, 2)
+    assert len(out) == 2 and {i for i, _ in out} <= {"m3", "cold-item", "m7"}
+    assert out[0][1] >= out[1][1]
