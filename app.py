@@ -48,7 +48,8 @@ def card_markdown(card) -> str:
     year = f" · {card.year}" if card.year else ""
     genres = ", ".join(card.genres) or "-"
     reason = f"\n\n{card.reason}" if card.reason else ""
-    return f"**#{card.rank} {card.name}**{year}  \n*{genres}*{reason}"
+    liked = " · 👍" if card.liked else ""
+    return f"**#{card.rank} {card.name}**{year}{liked}  \n*{genres}*{reason}"
 
 
 def build_app(recommender, *, k: int = DEFAULT_K, explain: int = DEFAULT_EXPLAIN) -> gr.Blocks:
@@ -110,9 +111,10 @@ def build_app(recommender, *, k: int = DEFAULT_K, explain: int = DEFAULT_EXPLAIN
         status = gr.Markdown(model_line(recommender), elem_id="model-line")
         with gr.Row():
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(elem_id="chat", label="Conversation", height=520, buttons=["copy"],
-                                     feedback_options=None, group_consecutive_messages=False, placeholder="Tell me a movie you like, or what "
-                                     "you are in the mood for: “a funny space movie for kids”.")
+                chatbot = gr.Chatbot(elem_id="chat", label="Conversation", height=560, buttons=["copy"],
+                                     feedback_options=None, group_consecutive_messages=False,
+                                     placeholder="Tell me a movie you like, or what you are in the mood for: "
+                                                 "“a funny space movie for kids”.")
                 with gr.Row():
                     box = gr.Textbox(show_label=False, placeholder="I loved Heat and Toy Story…", scale=5,
                                      elem_id="message", autofocus=True, max_length=1000)
@@ -131,7 +133,7 @@ def build_app(recommender, *, k: int = DEFAULT_K, explain: int = DEFAULT_EXPLAIN
                             ups.append(gr.Button("👍 Like", size="sm", elem_id=f"up-{i}"))
                             downs.append(gr.Button("👎 Not for me", size="sm", elem_id=f"down-{i}"))
                     groups.append(group)
-        cards = [c for pair in zip(groups, texts) for c in pair]
+        cards = [c for pair in zip(groups, texts, strict=True) for c in pair]
         outputs = [chatbot, state, status, *cards]
         for trigger in (box.submit, send.click):
             trigger(on_message, [box, state], [box, *outputs], api_name="chat" if trigger == box.submit else False,
@@ -175,7 +177,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     parser.add_argument("--catalog", help="catalog CSV/JSONL or MovieLens folder (default: bundled MovieLens)")
-    parser.add_argument("--interactions", help="interactions CSV (default: the bundled ratings with the bundled catalog)")
+    parser.add_argument("--interactions",
+                        help="interactions CSV (default: the bundled ratings with the bundled catalog)")
     parser.add_argument("--model", help="causal LM id or folder (default: packaged SmolLM2-135M-Instruct)")
     parser.add_argument("--adapter", default="auto", help="LoRA adapter folder, 'auto' (shipped default) or 'none'")
     parser.add_argument("--chroma-url", help="a Chroma server, http://host:port (default: embedded store)")

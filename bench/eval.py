@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     p.add_argument("--interactions", help="interactions CSV (default: bundled MovieLens ratings)")
     p.add_argument("--systems", nargs="+", default=list(evaluate.DEFAULT_SYSTEMS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--retriever", help="a fitted retriever folder to evaluate instead of fitting")
+    p.add_argument("--retriever", nargs="+", help="fitted retriever folder(s) to evaluate instead of fitting")
     p.add_argument("--content-vectors", help=".npy of text vectors aligned to the filtered items (skips embedding)")
     p.add_argument("--phase", choices=("test", "valid"), default="test")
     p.add_argument("--out", help="folder for report.json, report.md, report.png and fitted retrievers")

@@ -140,8 +140,9 @@ _LIKE_VERBS = (
 )
 _REJECT_BEFORE_RE = re.compile(rf"\b(?:{_REJECT_VERBS})\b[\w\s,']{{0,24}}$", re.IGNORECASE)
 _LIKE_BEFORE_RE = re.compile(rf"\b(?:{_LIKE_VERBS})\b[\w\s,']{{0,16}}$", re.IGNORECASE)
-_NEG_LIKE_RE = re.compile(r"\b(?:not|n't|nothing|less|never|un)\s*(?:really\s+)?(?:like|love|liked|loved|enjoyed)\b[\w\s,']{0,16}$",
-                          re.IGNORECASE)
+_NEG_LIKE_RE = re.compile(
+    r"\b(?:not|n't|nothing|less|never|un)\s*(?:really\s+)?(?:like|love|liked|loved|enjoyed)\b[\w\s,']{0,16}$",
+    re.IGNORECASE)
 
 # Titles: what stands before a spotted title decides whether it is liked, disliked or an anchor.
 _NEG_TITLE_RE = re.compile(
@@ -191,10 +192,12 @@ _USER_RE = re.compile(
     r"^\W*(?:movielens\s+)?user\s*(?:id)?\s*[#:]?\s*(?P<user2>\d{1,10})\W*$",
     re.IGNORECASE,
 )
-_HELP_RE = re.compile(r"^\W*(?:help|what\s+can\s+you\s+do|how\s+does\s+(?:this|it)\s+work|what\s+do\s+i\s+(?:do|say|type))\W*$",
-                      re.IGNORECASE)
+_HELP_RE = re.compile(
+    r"^\W*(?:help|what\s+can\s+you\s+do|how\s+does\s+(?:this|it)\s+work|what\s+do\s+i\s+(?:do|say|type))\W*$",
+    re.IGNORECASE)
 _GREET_RE = re.compile(r"^\W*(?:hi|hello|hey|hiya|howdy|yo|good\s+(?:morning|afternoon|evening)|thanks?(?:\s+you)?|"
-                       r"ty|cheers|great|cool|nice|ok(?:ay)?|sure)(?:\s+(?:there|so\s+much|a\s+lot|!+))*\W*$", re.IGNORECASE)
+                       r"ty|cheers|great|cool|nice|ok(?:ay)?|sure)(?:\s+(?:there|so\s+much|a\s+lot|!+))*\W*$",
+                       re.IGNORECASE)
 _WHY_RE = re.compile(
     r"^\W*(?:and\s+|but\s+|so\s+|ok(?:ay)?\W+)?why\b(?!\s+not\b)|\bwhy\s+(?:did|do|would|was|is|are|were|have|has)\s+"
     r"(?:you|it|that|this|they)\b|\bhow\s+come\b|\bwhat\s+makes\s+you\s+think\b|\bexplain\b|\bwhat(?:'s|\s+is)\s+the\s+"
@@ -233,7 +236,8 @@ _VIOLENT_RE = re.compile(
 )
 _CLEAR_ALL_RE = re.compile(r"\b(?:no|clear|remove|drop|reset|forget)\s+(?:the\s+|all\s+(?:the\s+)?|any\s+)?"
                            r"(?:filters?|constraints?|restrictions?)\b|\banything\s+goes\b", re.IGNORECASE)
-_CLEAR_GENRES_RE = re.compile(r"\b(?:any|all)\s+(?:genres?|kinds?|types?)\b|\bgenre\s+doesn'?t\s+matter\b", re.IGNORECASE)
+_CLEAR_GENRES_RE = re.compile(r"\b(?:any|all)\s+(?:genres?|kinds?|types?)\b|\bgenre\s+doesn'?t\s+matter\b",
+                              re.IGNORECASE)
 _CLEAR_YEARS_RE = re.compile(r"\b(?:any|all)\s+(?:years?|eras?|decades?|periods?|time)\b|"
                              r"\b(?:year|era|age)\s+doesn'?t\s+matter\b", re.IGNORECASE)
 
@@ -253,7 +257,8 @@ _YEAR_BOUND_RE = re.compile(
     rf"|\b(?P<y2>{_YEAR})\s+(?P<op2>or\s+(?:later|newer|after|earlier|older|before)|and\s+(?:later|up|after|earlier|before))\b",
     re.IGNORECASE,
 )
-_DECADE_BOUND_RE = re.compile(rf"(?P<neg>\b(?:nothing|none|no|not)\s+(?:\w+\s+)?)?\b(?P<op>before|pre|prior\s+to|older\s+than|after|post|since|newer\s+than|from)"
+_DECADE_BOUND_RE = re.compile(rf"(?P<neg>\b(?:nothing|none|no|not)\s+(?:\w+\s+)?)?"
+                              rf"\b(?P<op>before|pre|prior\s+to|older\s+than|after|post|since|newer\s+than|from)"
                               rf"[\s-]*(?:the\s+)?(?P<d>{_DECADE})(?P<on>\s+on(?:wards?)?)?", re.IGNORECASE)
 _YEAR_RE = re.compile(rf"\b(?:in\s+|from\s+)?(?P<y>{_YEAR})\b")
 
@@ -399,7 +404,7 @@ class TitleSpotter:
                         taken[i] = True
         tokens = [(m.start(), m.end(), m.group()) for m in _TOKEN_RE.finditer(text)]
         cue_spans = self._cue_segments(text)
-        self._scan(text, tokens, taken, cue_spans, add, unknown)
+        self._scan(text, tokens, taken, cue_spans, add)
         spots.sort(key=lambda s: s.start)
         return spots, unknown
 
@@ -412,7 +417,7 @@ class TitleSpotter:
             segments.append((cue.end(), stop.start() if stop else len(text)))
         return segments
 
-    def _scan(self, text, tokens, taken, cue_spans, add, unknown) -> None:
+    def _scan(self, text, tokens, taken, cue_spans, add) -> None:
         lowercase_text = text == text.lower() or text == text.upper()
         conjuncts = self._conjuncts(text, cue_spans)
         i = 0
@@ -473,14 +478,16 @@ class TitleSpotter:
         all_common = all(w in COMMON_WORDS for w in words)
         if whole_conjunct:  # "loved heat": a whole list member after a cue
             return not all_common or capital
-        if n >= 2:
-            return (capital and (in_cue or not all_common or all(t[2][:1].isupper() for t in tokens[i:i + n]))) \
-                or (not all_common and (in_cue or n >= 2 and sum(w not in COMMON_WORDS for w in words) >= 1))
-        if not capital or all_common:
+        if n >= 2:  # "toy story"; "The One" only capitalised after a cue or in Title Case
+            title_case = all(t[2][:1].isupper() for t in tokens[i:i + n])
+            return not all_common or (capital and (in_cue or title_case))
+        if not capital or all_common:  # one word: capitalised and not a common word ("Heat", never "Kids")
             return False
         before = text[tokens[i - 1][1]:tokens[i][0]] if i else "."
-        sentence_start = i == 0 or bool(re.search(r"[.!?\n\"“]", before))
-        return in_cue or not sentence_start or len(first) >= 4
+        if in_cue or not re.search(r"[.!?\n\"“]", before) and i:
+            return True
+        # first word of a sentence: a title only when the sentence goes on like one ("Heat was great", "Heat?")
+        return bool(re.match(r"\s*(?:$|[,?!.&]|(?:was|is|were|and|or)\b)", text[tokens[i][1]:], re.IGNORECASE))
 
 
 _SPOTTERS: "weakref.WeakKeyDictionary[Catalog, TitleSpotter]" = weakref.WeakKeyDictionary()
@@ -543,8 +550,8 @@ class Parsed:
     @property
     def query_only(self) -> bool:
         """Nothing but free text: a paraphrase of a command ("go back further in time") looks like this too."""
-        return bool(self.query) and not (self.reject or self.like or self.liked or self.disliked or self.anchors or self.shift
-                     or self.more or self.has_constraints)
+        return bool(self.query) and not (self.reject or self.like or self.liked or self.disliked or self.anchors
+                                         or self.shift or self.more or self.has_constraints)
 
     @property
     def actionable(self) -> bool:
@@ -613,9 +620,11 @@ class MessageParser:
         if _HELP_RE.search(text):
             parsed.intent = "help"
             return parsed
-        if _WHY_RE.search(text):
+        why_not = re.match(r"^\W*why\s+not\b", text, re.IGNORECASE)  # "why not Titanic?" asks; "why not older?" refines
+        target = self._why_target(text, shown) if why_not or _WHY_RE.search(text) else None
+        if _WHY_RE.search(text) or (why_not and target is not None and not target.focus):
             parsed.intent = "why"
-            parsed.why = self._why_target(text, shown)
+            parsed.why = target
             return parsed
         if _GREET_RE.search(text):
             parsed.intent = "greet"
@@ -1046,10 +1055,8 @@ class ChatSession:
 
     def respond(self, message: str) -> Reply:
         """Answer one message (the last state of `respond_stream`)."""
-        reply = None
-        for reply in self.respond_stream(message):
-            pass
-        return reply
+        *_, last = self.respond_stream(message)
+        return last
 
     def respond_stream(self, message: str) -> Iterator[Reply]:
         """Answer one message, yielding growing `Reply`s; the last one has `done=True`."""
@@ -1069,10 +1076,8 @@ class ChatSession:
 
     def use_user(self, user_id: str) -> Reply:
         """Start over from a MovieLens user's history and show picks for them."""
-        reply = None
-        for reply in self.use_user_stream(user_id):
-            pass
-        return reply
+        *_, last = self.use_user_stream(user_id)
+        return last
 
     def use_user_stream(self, user_id: str) -> Iterator[Reply]:
         with self._lock:
@@ -1096,11 +1101,11 @@ class ChatSession:
                     if card.item_id == item_id:
                         card.liked = True
                 text = templates().render("feedback_up", title=item.label)
+                self.focus = item_id
             else:
                 _move(item_id, self.disliked, self.liked)
                 self._drop_shown([item_id])
                 text = templates().render("feedback_down", title=item.label)
-            self.focus = item_id
             return self._say(Reply(text, list(self.shown), "feedback"))
 
     def profile(self) -> dict:
@@ -1355,7 +1360,8 @@ class ChatSession:
             try:
                 result = self.recommender.recommend(request)
             except RecllmError as exc:
-                result, failed = None, Reply(" ".join([*acks, t.render("error", message=str(exc))]), self.shown, "error")
+                result = None
+                failed = Reply(" ".join([*acks, t.render("error", message=str(exc))]), self.shown, "error")
         if result is None:
             yield self._say(failed)
             return

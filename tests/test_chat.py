@@ -271,6 +271,13 @@ def test_why_is_answered_from_that_turns_trace(session, rec):
     assert rec.whys[-1] == (second.items[2].item_id, session.result) and reply.intent == "why"
 
 
+def test_why_not_an_item_that_was_not_shown(session, rec):
+    session.respond("I loved Heat")
+    reply = session.respond("why not Titanic?")
+    assert reply.intent == "why" and rec.whys[-1] == (TITANIC, session.result)
+    assert session.respond("why not something older?").intent == "recommend"  # a refinement, not a question
+
+
 def test_why_before_anything_is_shown(session):
     assert session.respond("why?").intent == "clarify"
 

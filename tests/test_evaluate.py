@@ -151,15 +151,16 @@ def test_rerank_uses_candidates_and_counts_retriever_misses():
         ranking.top[u] = others[:20] if u % 2 else (others[:2] + [int(data.test[u])] + others[2:19])
     calls = []
 
-    def reverse(history, candidates):  # reverse order: the 3rd of 20 becomes the 18th
-        calls.append((history, candidates))
-        return list(range(len(candidates)))
+    def reverse(requests):  # reverse order: the 3rd of 20 becomes the 18th
+        calls.extend(requests)
+        return [list(range(len(c))) for _, c, _ in requests]
 
     ranks = evaluate.rerank(ranking, data, reverse, "test")
     assert all(math.isinf(r) for r in ranks[1::2])
     assert all(r == 18.0 for r in ranks[0::2])
     assert len(calls) == 15  # users whose true item was missed are not sent to the ranker
-    assert all(len(h) <= evaluate.HISTORY_LEN and len(c) == 20 for h, c in calls)
+    assert all(len(h) <= evaluate.HISTORY_LEN and len(c) == 20 and sc == sorted(sc, reverse=True)
+               for h, c, sc in calls)
 
 
 # ---------------------------------------------------------------- end to end
@@ -189,7 +190,8 @@ def test_run_eval_end_to_end_on_a_planted_pattern(tmp_path):
                     min_epochs=5, patience=8, time_budget_s=30)
     out = tmp_path / "out"
     report = evaluate.run_eval(items, inter, seeds=(0,), out_dir=out, content_vectors=vectors, config=cfg,
-                               progress=False, ranker=lambda h, c: [-i for i in range(len(c))], ranker_name="keep")
+                               progress=False, ranker=lambda reqs: [[-i for i in range(len(c))] for _, c, _ in reqs],
+                               ranker_name="keep")
     systems = report.systems
     assert set(systems) == {"popularity", "transition", "content", "seq", "retriever", "retriever+keep"}
     # the collaborative encoder learned "next item = i + 1"
@@ -207,7 +209,7 @@ def test_run_eval_end_to_end_on_a_planted_pattern(tmp_path):
     loaded = json.loads((out / "report.json").read_text())
     assert loaded["systems"]["retriever"]["metrics"]["ndcg@10"] == pytest.approx(systems["retriever"]["metrics"]["ndcg@10"])
     md = (out / "report.md").read_text()
-    assert "| retriever |" in md and "retriever's top 20" in md
+    assert "| retriever |" in md and "top 20" in md
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the saved retriever is re-evaluated without refitting, with the same figures
     again = evaluate.run_eval(items, inter, systems=("retriever",), retriever=out / "retriever-seed0", progress=False)
@@ -226,3 +228,26 @@ def test_metrics_of_a_perfect_scorer_are_one():
     targets = data.test
     ranking = evaluate.rank_all(lambda h: np.eye(data.n_items, dtype=np.float32)[targets[: len(h)]], data, "test")
     assert metrics.summarize(ranking.ranks)["ndcg@5"] == 1.0
+
+
+def test_llm_ranker_adapter_passes_titles_and_returns_fused_scores():
+    from types import SimpleNamespace
+
+    catalog = load_catalog()
+    seen = []
+
+    class FakeLLMRanker:  # the part of recllm.rank.LLMRanker the adapter uses
+        def rank_many(self, requests):
+            seen.extend(requests)
+            out = []
+            for _, cands in requests:  # prefers the last candidate: reversed order, fused = position
+                out.append([SimpleNamespace(candidate=c, llm_score=0.0, fused_score=float(n))
+                            for n, c in reversed(list(enumerate(cands)))])
+            return out
+
+    rank = evaluate.llm_ranker(FakeLLMRanker(), catalog)
+    scores = rank([(["1", "2"], ["3", "4", "5"], [0.3, 0.2, 0.1])])
+    assert scores == [[0.0, 1.0, 2.0]]
+    titles, cands = seen[0]
+    assert titles == [catalog.get("1").label, catalog.get("2").label]
+    assert [c.item_id for c in cands] == ["3", "4", "5"] and cands[0].score == 0.3
