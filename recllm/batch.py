@@ -385,22 +385,41 @@ def process(recommender, rows: Iterable[dict], *, batch_size: int = DEFAULT_BATC
 
 
 class LineWriter:
-    """Appends whole lines: one os.write per line (O_APPEND), fsync on `sync()`."""
+    """Appends whole lines to a file it holds an exclusive lock on: one os.write per line (O_APPEND), fsync
+    on `sync()`. The lock (flock, released by the kernel when the process dies, kill -9 included) stops a
+    second run from writing the same file at the same time."""
 
-    def __init__(self, path: Path, *, fresh: bool):
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if fresh else 0)
-        self.fd = os.open(path, flags, 0o644)
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: no lock
+            pass
+        except OSError:
+            os.close(self.fd)
+            raise InputError(f"{path} is being written by another recllm batch run: wait for it or stop it") from None
 
     def write(self, line: bytes) -> None:
         written = os.write(self.fd, line)
         while written < len(line):  # short writes only happen on a full disk or a signal
             written += os.write(self.fd, line[written:])
 
+    def truncate(self, size: int) -> None:
+        """Cut the file to `size` bytes (0: start over; the end of the last whole line: drop a torn tail)."""
+        if os.fstat(self.fd).st_size != size:
+            os.ftruncate(self.fd, size)
+            os.fsync(self.fd)
+
     def sync(self) -> None:
         os.fsync(self.fd)
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @dataclass
@@ -457,21 +476,6 @@ def scan(path: Path) -> tuple[list[Written], int]:
             found.append(Written(row_id, offset, len(raw), error))
             offset += len(raw)
     return found, offset
-
-
-def cut_torn_tail(path: Path, end: int | None = None) -> int:
-    """Truncate a trailing partial line (everything past `end`, the end of the last whole line)."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return 0
-    if end is None:
-        end = scan(path)[1]
-    if end < size:
-        with open(path, "r+b") as f:
-            f.truncate(end)
-            os.fsync(f.fileno())
-    return size - end
 
 
 def shard_path(out_path: Path, rank: int) -> Path:
@@ -647,19 +651,21 @@ def run_batch(in_path: str | Path, out_path: str | Path, *, recommender=None,
     rows = read_rows(in_path)
     procs = Processes()
     stats = BatchStats(rows=len(rows), processes=procs.num, rank=procs.rank)
+    guard = writer = None
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        direct = _direct(out_path, rows, resume, retry_errors) if procs.num == 1 else None
+        if procs.main:
+            guard = LineWriter(out_path)  # OUT is ours until the run ends (the merge replaces it)
+        direct = _direct(guard, rows, resume, retry_errors) if procs.num == 1 else None
         if direct is not None:
             todo, stats.errors = direct
             stats.skipped = len(rows) - len(todo)
-            target = out_path
+            writer = guard
         else:
-            todo, stats.skipped = _sharded_setup(procs, out_path, rows, resume, retry_errors)
-            target = shard_path(out_path, procs.rank)
+            writer = LineWriter(shard_path(out_path, procs.rank))
+            todo, stats.skipped = _sharded_setup(procs, guard, writer, rows, resume, retry_errors)
         if recommender is None:
             recommender = _build(procs, recommender_factory)
-        writer = LineWriter(target, fresh=not resume and target == out_path)
         bar = _bar(progress and procs.main, total=len(todo), procs=procs)
         serving = time.perf_counter()
         try:
@@ -673,14 +679,17 @@ def run_batch(in_path: str | Path, out_path: str | Path, *, recommender=None,
                 bar.update(len(chunk))
         finally:
             bar.close()
-            writer.close()
             stats.serve_seconds = time.perf_counter() - serving
-        if target != out_path:
+        if writer is not guard:
+            writer.close()
             procs.barrier()  # every shard is complete
             if procs.main:
                 stats.errors = merge(out_path, rows, retry_errors=retry_errors)
             procs.barrier()
     finally:
+        for held in (writer, guard):
+            if held is not None:
+                held.close()
         procs.close()
     stats.seconds = time.perf_counter() - started
     return stats
@@ -695,47 +704,51 @@ def _remove_leftovers(out_path: Path, *, shards: bool) -> None:
             path.unlink(missing_ok=True)
 
 
-def _direct(out_path: Path, rows: list[Row], resume: bool, retry_errors: bool) -> tuple[list[Row], int] | None:
+def _direct(out: LineWriter, rows: list[Row], resume: bool, retry_errors: bool) -> tuple[list[Row], int] | None:
     """One process appending straight to OUT: (rows to serve, error rows kept), or None when it cannot.
 
     It can on a fresh run, or when OUT holds exactly the lines of the first rows, in order, and no shards
     are left from a data-parallel run; otherwise the rows go through a shard and a merge.
     """
-    _remove_leftovers(out_path, shards=not resume)
+    _remove_leftovers(out.path, shards=not resume)
     if not resume:
+        out.truncate(0)
         return rows, 0
-    if shard_paths(out_path):
+    if shard_paths(out.path):
         return None
-    written, end = scan(out_path)
+    written, end = scan(out.path)
     if not _is_prefix(written, rows, retry_errors=retry_errors):
         return None
-    cut_torn_tail(out_path, end)
+    out.truncate(end)  # a torn last line, if any
     return rows[len(written) :], sum(line.error for line in written)
 
 
-def _sharded_setup(procs: Processes, out_path: Path, rows: list[Row], resume: bool,
+def _sharded_setup(procs: Processes, out: LineWriter | None, own: LineWriter, rows: list[Row], resume: bool,
                    retry_errors: bool) -> tuple[list[Row], int]:  # fmt: skip
     """Prepare this process's shard and pick its rows: the same pending list is split on every process."""
-    own = shard_path(out_path, procs.rank)
     if procs.main:
-        _remove_leftovers(out_path, shards=False)
+        _remove_leftovers(out.path, shards=False)
     if resume:
-        cut_torn_tail(own)  # each process only ever changes its own shard
-        done = _done(out_path, rows, retry_errors=retry_errors)
+        own.truncate(scan(own.path)[1])  # each process only ever changes its own shard
+        done = _done(out_path_of(own.path), rows, retry_errors=retry_errors)
         pending = [row for row in rows if row.work and row.id not in done]
         skipped = sum(row.work for row in rows) - len(pending)
     else:
-        own.write_bytes(b"")
+        own.truncate(0)
         if procs.main:
-            out_path.unlink(missing_ok=True)
-            for path in shard_paths(out_path):
-                rank = int(path.name.rsplit("-", 1)[1])
-                if rank >= procs.num:
+            out.truncate(0)
+            for path in shard_paths(out.path):
+                if int(path.name.rsplit("-", 1)[1]) >= procs.num:
                     path.unlink(missing_ok=True)
         pending = [row for row in rows if row.work]
         skipped = 0
     procs.barrier()  # nobody writes before every process has read the same state
     return procs.split(pending), skipped
+
+
+def out_path_of(shard: Path) -> Path:
+    """OUT for OUT.shard-<rank>."""
+    return shard.with_name(shard.name.rsplit(".shard-", 1)[0])
 
 
 def _build(procs: Processes, factory: Callable[[], object]):

@@ -563,3 +563,127 @@ def tiny_lm(seed: int = 0, *, hidden_size: int = 32, layers: int = 2) -> LM:
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
     return LM(model, tokenizer, f"tiny-llama-{hidden_size}x{layers}-seed{seed}")
+
+
+# -- LoRA training with transformers' Trainer (used by recllm.train) -------------------------------------------
+def train_letter_lora(lm: LM, examples: Sequence[tuple[str, int, int]], *, letter_ids: Sequence[int],
+                      output_dir: str | Path, evaluate: Any = None, r: int = 8, alpha: int = 16,
+                      dropout: float = 0.05, target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+                      layers: int | None = None, batch_size: int = 4, lr: float = 1e-3, epochs: float = 1.0,
+                      max_steps: int = -1, warmup_steps: int = 0, eval_steps: int = 25, save_steps: int = 25,
+                      logging_steps: int = 5, seed: int = 0, resume: bool = False, progress: bool = True,
+                      threads: int | None = None) -> tuple[LM, dict]:
+    """LoRA-tune `lm` as a verbalizer ranker with transformers' Trainer; returns (trained LM, run info).
+
+    examples: `(prompt, target index, number of candidates)`; the loss is the cross-entropy over the first
+      `n` candidate-letter logits (`letter_ids`) at the prompt's last position (the answer slot).
+    evaluate: `fn(LM) -> {"ndcg10": float, ...}`, called at every evaluation step (the best step by
+      `ndcg10` is loaded at the end); None evaluates nothing and keeps the last step.
+    layers: LoRA on the top `layers` decoder layers only (None: all): back-propagation then stops there,
+      which roughly halves a CPU step.
+    Checkpoints (adapter + optimizer + RNG state) go to `output_dir/checkpoint-<step>` every `save_steps`;
+    `resume=True` continues from the newest one (AdapterError when there is none).
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    output_dir = Path(output_dir)
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if resume and last is None:
+        raise AdapterError(f"Nothing to resume: no checkpoint under {output_dir}")
+    n_layers = int(getattr(lm.model.config, "num_hidden_layers", 0) or 0)
+    to_transform = list(range(max(0, n_layers - layers), n_layers)) if layers and n_layers else None
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                        layers_to_transform=to_transform, task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = get_peft_model(copy.deepcopy(lm.model), config)
+    model.train()
+    tokenizer = lm.tokenizer
+    add_special = not lm.has_chat_template
+    letters = torch.tensor(list(letter_ids), dtype=torch.long)
+
+    class _Examples(torch.utils.data.Dataset):
+        def __init__(self, rows):
+            self.rows = list(rows)
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            prompt, target, n = self.rows[i]
+            return {"prompt": prompt, "labels": int(target), "n": int(n)}
+
+    def collate(batch: list[dict]) -> dict:
+        enc = tokenizer([b["prompt"] for b in batch], padding=True, padding_side="left", return_tensors="pt",
+                        add_special_tokens=add_special)
+        mask = enc["attention_mask"]
+        n = torch.tensor([b["n"] for b in batch])
+        return {"input_ids": enc["input_ids"], "attention_mask": mask,
+                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+                "labels": torch.tensor([b["labels"] for b in batch]),
+                "letter_mask": torch.arange(len(letters))[None, :] < n[:, None]}  # (B, 20)
+
+    class LetterTrainer(Trainer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.model_accepts_loss_kwargs = False  # our loss is already a mean over the batch
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            letter_mask = inputs.pop("letter_mask")
+            out = model(**inputs, use_cache=False, logits_to_keep=1)
+            logits = out.logits[:, -1, :][:, letters.to(out.logits.device)].float()  # (B, 20)
+            logits = logits.masked_fill(~letter_mask.to(logits.device), float("-inf"))
+            loss = torch.nn.functional.cross_entropy(logits, labels.to(logits.device))
+            return (loss, out) if return_outputs else loss
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            was_training = self.model.training
+            try:
+                found = evaluate(LM(self.model, tokenizer, lm.model_id)) if evaluate else {}
+            finally:
+                self.model.train(was_training)
+            metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in found.items()}
+            metrics[f"{metric_key_prefix}_step"] = self.state.global_step
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+    use_cuda = lm.device.type == "cuda"
+    do_eval = evaluate is not None
+    args = TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=batch_size, learning_rate=lr,
+        num_train_epochs=epochs, max_steps=max_steps, warmup_steps=warmup_steps, lr_scheduler_type="linear",
+        logging_steps=logging_steps, eval_strategy="steps" if do_eval else "no", eval_steps=eval_steps,
+        save_strategy="steps", save_steps=save_steps, save_total_limit=3, load_best_model_at_end=do_eval,
+        metric_for_best_model="ndcg10" if do_eval else None, greater_is_better=True, seed=seed, data_seed=seed,
+        remove_unused_columns=False, label_names=["labels"], report_to=[], use_cpu=not use_cuda,
+        bf16=use_cuda and torch.cuda.is_bf16_supported(), dataloader_num_workers=0, disable_tqdm=not progress,
+        weight_decay=0.0,
+    )
+    dataset = _Examples(examples)
+    trainer = LetterTrainer(model=model, args=args, train_dataset=dataset,
+                            eval_dataset=_Examples(list(examples)[:1]) if do_eval else None,
+                            data_collator=collate)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        result = trainer.train(resume_from_checkpoint=last if resume else None)
+    trained = LM(trainer.model, tokenizer, lm.model_id)
+    info = {
+        "global_step": int(trainer.state.global_step),
+        "best_metric": trainer.state.best_metric,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "train_runtime_s": round(float(result.metrics.get("train_runtime", 0.0)), 1),
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "resumed_from": last if resume else None,
+        "log_history": list(trainer.state.log_history),
+        "lora": {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": list(target_modules),
+                 "layers": to_transform},
+        "device": str(lm.device),
+    }
+    return trained, info

@@ -462,6 +462,27 @@ def test_kill_9_at_random_moments_then_resume(tmp_path, reference):
     assert out.read_bytes() == full
 
 
+def test_a_second_run_on_the_same_output_is_refused(tmp_path, reference):
+    """While a run writes OUT (flock), another run on OUT stops with a clear message; after a kill -9 the
+    kernel drops the lock and --resume goes on."""
+    src, full = reference
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen(_batch_cmd(src, out, "--batch-size", "1"), env=_env(RECLLM_FAKE_DELAY="0.2"),
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while (not out.exists() or not out.stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(InputError, match="is being written by another recllm batch run"):
+            run_batch(src, out, recommender=FakeRecommender(), resume=True, progress=False)
+        assert out.stat().st_size < len(full)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    run_batch(src, out, recommender=FakeRecommender(), resume=True, progress=False)
+    assert out.read_bytes() == full
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_row_for_row(tmp_path, reference):
     """torchrun --nproc_per_node 2 (PartialState, gloo on CPU): shards merged in input order == one process."""

@@ -269,3 +269,39 @@ def test_unreachable_server_is_a_store_error():
     assert "chroma run" in str(info.value)
     with pytest.raises(StoreError, match="bad --chroma-url"):
         ItemStore(chroma_url="ftp://x").count(make_catalog())
+
+
+@pytest.mark.server
+def test_chroma_server_via_http_client(tmp_path):
+    """The same store over `chroma run` (HttpClient): index, incremental re-index, query, vectors."""
+    chroma = Path(sys.executable).parent / "chroma"
+    if not chroma.exists():
+        pytest.skip("the chroma server command is not installed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(chroma), "run", "--path", str(tmp_path / "server"), "--host", "127.0.0.1",
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    pytest.fail("chroma run did not start")
+                time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}"
+        catalog, emb = make_catalog(), FakeEmbedder()
+        store = ItemStore(chroma_url=url)
+        assert store.index(catalog, emb, batch_size=16, progress=False).embedded == 40
+        again = FakeEmbedder()
+        assert ItemStore(chroma_url=url).index(catalog, again, progress=False).unchanged == 40 and again.calls == 0
+        top = store.query(catalog, emb.vector(catalog.get("i3").text), k=3, filters=Filters(year_min=1980))
+        assert top[0][0] == "i3"
+        assert store.vectors(catalog, ["i1"]).shape == (1, 16)
+        assert not (tmp_path / "home").exists()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
