@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gen-users", type=int, default=8, help="users also ranked by generation (slow)")
     parser.add_argument("--explain", type=int, default=5, help="explanations streamed (first-token latency)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="for the batched timing (1: skip it)")
     parser.add_argument("--gen-mode", choices=("letters", "titles", "both", "none"), default="both",
                         help="ranking by generation: the model writes letters, or titles one per line")
     parser.add_argument("--gen-tokens", type=int, default=80, help="max new tokens when writing letters")
@@ -124,6 +124,7 @@ def main(argv=None) -> int:
     parser.add_argument("--adapter", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--out", default=None, help="also write the (partial) results here after each stage")
     args = parser.parse_args(argv)
 
     import torch
@@ -175,25 +176,32 @@ def main(argv=None) -> int:
         single_cpu.append(time.process_time() - c)
         verbal_rank.append([r.candidate.item_id for r in ranked].index(cands[target].item_id) + 1)
         log(f"  verbalizer user {n + 1}/{len(requests)}: {single[-1]:.3f} s, {tokens[n]} tokens")
-    t = time.perf_counter()
-    ranker.config.batch_size = args.batch_size
-    ranker.rank_many([(titles(h), c) for h, c, _ in requests])
-    batched = (time.perf_counter() - t) / len(requests)
+    med_single = statistics.median(single)
+    result = {
+        "device": str(lm.device), "threads": args.threads, "model": lm.model_id, "adapter": lm.adapter_id,
+        "cpu": platform.processor() or platform.machine(), "loadavg_1m_at_start": load_start,
+        "load_s": round(load_s, 3), "users": len(requests),
+        "prompt_tokens_median": statistics.median(tokens), "prompt_tokens_max": max(tokens),
+        "verbalizer_s_median": round(med_single, 3), "verbalizer_s_p90": round(pct(single, 0.9), 3),
+        "verbalizer_cpu_s_median": round(statistics.median(single_cpu), 3),
+        "verbalizer_hit1": sum(r == 1 for r in verbal_rank) / len(verbal_rank),
+        "verbalizer_mean_rank": statistics.mean(verbal_rank),
+    }
+
+    def emit():  # partial results survive an interrupted run
+        result["loadavg_1m_now"] = round(os.getloadavg()[0], 2)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    emit()
+    if args.batch_size > 1:
+        t = time.perf_counter()
+        ranker.config.batch_size = args.batch_size
+        ranker.rank_many([(titles(h), c) for h, c, _ in requests])
+        result["verbalizer_batched_s_per_user"] = round((time.perf_counter() - t) / len(requests), 3)
+        emit()
 
     matcher = TitleMatcher(i.title for i in catalog)
-    generation = {}
-    gen_requests = requests[: args.gen_users]
-    if args.gen_mode in ("letters", "both"):
-        gen_ranker = LLMRanker(lm, prompt="rank_generate")  # same lists, asks for an ordered list of letters
-        generation["letters"] = generation_run(
-            lm, gen_ranker, gen_requests, titles, args.gen_tokens,
-            lambda text, cands: parse_generated(text, len(cands), [c.title for c in cands], matcher), "letters")
-    if args.gen_mode in ("titles", "both"):
-        gen_ranker = LLMRanker(lm, prompt="rank_generate_titles")  # asks for the titles, one per line
-        generation["titles"] = generation_run(
-            lm, gen_ranker, gen_requests, titles, args.gen_title_tokens,
-            lambda text, cands: parse_generated_titles(text, [c.title for c in cands]), "titles")
-
     explainer = Explainer(lm, titles=matcher)
     first_token, first_cpu, first_piece, total, accepted, reasons, texts = [], [], [], [], 0, [], []
     for hist, cands, _ in requests[: args.explain]:
@@ -221,32 +229,41 @@ def main(argv=None) -> int:
         texts.append(final.text)
         log(f"  explanation: first piece {first:.3f} s, first model token {first_model:.2f} s, {final.source}: "
             f"{final.text!r} ({final.rejected})")
+    if total:
+        result.update({
+            "explain_first_piece_s_median": round(statistics.median(first_piece), 4),
+            "explain_first_token_s_median": round(statistics.median(first_token), 3),
+            "explain_first_token_s_max": round(max(first_token), 3),
+            "explain_first_token_cpu_s_median": round(statistics.median(first_cpu), 3),
+            "explain_total_s_median": round(statistics.median(total), 3),
+            "explain_llm_accepted_share": accepted / len(total),
+            "explain_rejections": reasons, "explain_texts": texts,
+        })
+        emit()
 
-    med_single = statistics.median(single)
-    result = {
-        "device": str(lm.device), "threads": args.threads, "model": lm.model_id, "adapter": lm.adapter_id,
-        "cpu": platform.processor() or platform.machine(), "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
-        "loadavg_1m_at_start": load_start, "load_s": round(load_s, 3), "users": len(requests),
-        "prompt_tokens_median": statistics.median(tokens), "prompt_tokens_max": max(tokens),
-        "verbalizer_s_median": round(med_single, 3), "verbalizer_s_p90": round(pct(single, 0.9), 3),
-        "verbalizer_cpu_s_median": round(statistics.median(single_cpu), 3),
-        "verbalizer_batched_s_per_user": round(batched, 3),
-        "verbalizer_hit1": sum(r == 1 for r in verbal_rank) / len(verbal_rank),
-        "verbalizer_mean_rank": statistics.mean(verbal_rank),
-        "generation": generation,
-        "speed_ratio_letters": (round(generation["letters"]["s_median"] / med_single, 1)
-                                if generation.get("letters") else None),
-        "speed_ratio_titles": (round(generation["titles"]["s_median"] / med_single, 1)
-                               if generation.get("titles") else None),
-        "explain_first_piece_s_median": round(statistics.median(first_piece), 4) if first_piece else None,
-        "explain_first_token_s_median": round(statistics.median(first_token), 3) if first_token else None,
-        "explain_first_token_s_max": round(max(first_token), 3) if first_token else None,
-        "explain_first_token_cpu_s_median": round(statistics.median(first_cpu), 3) if first_cpu else None,
-        "explain_total_s_median": round(statistics.median(total), 3) if total else None,
-        "explain_llm_accepted_share": accepted / len(total) if total else None,
-        "explain_rejections": reasons,
-        "explain_texts": texts,
-    }
+    generation = result["generation"] = {}
+    gen_requests = requests[: args.gen_users]
+    if args.gen_mode in ("letters", "both"):
+        gen_ranker = LLMRanker(lm, prompt="rank_generate")  # same lists, asks for an ordered list of letters
+        generation["letters"] = generation_run(
+            lm, gen_ranker, gen_requests, titles, args.gen_tokens,
+            lambda text, cands: parse_generated(text, len(cands), [c.title for c in cands], matcher), "letters")
+        if generation["letters"]:
+            generation["letters"]["speed_ratio"] = round(generation["letters"]["s_median"] / med_single, 1)
+            generation["letters"]["speed_ratio_cpu"] = round(
+                generation["letters"]["cpu_s_median"] / statistics.median(single_cpu), 1)
+        emit()
+    if args.gen_mode in ("titles", "both"):
+        gen_ranker = LLMRanker(lm, prompt="rank_generate_titles")  # asks for the titles, one per line
+        generation["titles"] = generation_run(
+            lm, gen_ranker, gen_requests, titles, args.gen_title_tokens,
+            lambda text, cands: parse_generated_titles(text, [c.title for c in cands]), "titles")
+        if generation["titles"]:
+            generation["titles"]["speed_ratio"] = round(generation["titles"]["s_median"] / med_single, 1)
+            generation["titles"]["speed_ratio_cpu"] = round(
+                generation["titles"]["cpu_s_median"] / statistics.median(single_cpu), 1)
+        emit()
+
     if args.json:
         print(json.dumps(result, indent=2))
     else:

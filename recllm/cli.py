@@ -209,6 +209,8 @@ def add_index(sub) -> None:
     parser = sub.add_parser("index", help="embed the catalog into the item store (only new/changed items)")
     add_catalog_args(parser)
     parser.add_argument("--batch-size", type=positive_int, default=256, help="items per embed+upsert batch")
+    parser.add_argument("--verify", action="store_true",
+                        help="compare every stored content hash even when the index looks current")
     add_output_args(parser)
     parser.set_defaults(func=run_index)
 
@@ -216,7 +218,8 @@ def add_index(sub) -> None:
 def run_index(args) -> int:
     session = Session(args)
     catalog = session.catalog  # validated before anything is written
-    stats = session.store.index(catalog, session.embedder, batch_size=args.batch_size, progress=not args.quiet)
+    stats = session.store.index(catalog, session.embedder, batch_size=args.batch_size, progress=not args.quiet,
+                                verify=args.verify)
     if args.json:
         from dataclasses import asdict
 

@@ -241,9 +241,33 @@ def tidy(text: str, max_sentences: int = 2) -> tuple[str, bool]:
     return kept, True
 
 
+_CLAIM_VERBS = frozenset({"liked", "loved", "enjoyed", "watched", "saw", "rated", "like", "love", "enjoy"})
+_CLAIM_FILLERS = frozenset({"have", "ve", "already", "really", "also", "once", "previously", "clearly"})
+
+
+def claims_liked(text: str, titles: Collection[str]) -> list[str]:
+    """`titles` the text says the user liked/watched ("you liked X", "you've already seen X")."""
+    words = [w.lower() for w in _words(text)]
+    keys = {t: tuple(w.lower() for w in _words(t)) for t in titles}
+    found = []
+    for i, word in enumerate(words):
+        if word != "you":
+            continue
+        j = i + 1
+        while j < len(words) and words[j] in _CLAIM_FILLERS:
+            j += 1
+        if j >= len(words) or words[j] not in _CLAIM_VERBS:
+            continue
+        for title, key in keys.items():  # the title within the next few words ("you liked the film X")
+            if key and any(tuple(words[k:k + len(key)]) == key for k in range(j + 1, min(j + 5, len(words)))):
+                found.append(title)
+    return list(dict.fromkeys(found))
+
+
 def validate(text: str, *, allowed: Collection[str], matcher: TitleMatcher | None,
-             max_chars: int = 280, complete: bool = True) -> str | None:
-    """Why `text` cannot be shown (None when it can): empty, degenerate, too long, or names another title."""
+             max_chars: int = 280, complete: bool = True, not_liked: Collection[str] = ()) -> str | None:
+    """Why `text` cannot be shown (None when it can): empty, degenerate, too long, names another title, or
+    says the user liked one of `not_liked` (the recommended item is not in their history)."""
     if len(_words(text)) < 3:
         return "empty"
     if len(text) > max_chars or not complete:
@@ -254,6 +278,9 @@ def validate(text: str, *, allowed: Collection[str], matcher: TitleMatcher | Non
         outside = named_titles_outside(text, allowed, matcher)
         if outside:
             return "names a title not in the evidence: " + ", ".join(outside[:3])
+    claimed = claims_liked(text, not_liked)
+    if claimed:
+        return "claims the user liked " + ", ".join(claimed[:3])
     return None
 
 
@@ -327,7 +354,8 @@ class Explainer:
         if not complete and text and not self._hit_token_limit(draft[len(prefix):]):
             text, complete = text.rstrip(",;:- ") + ".", True  # the model stopped without a full stop
         allowed = [item.title, item.label, *evidence.titles, *evidence.shared]  # genres may be titles too
-        problem = validate(text, allowed=allowed, matcher=self.matcher, max_chars=cfg.max_chars, complete=complete)
+        problem = validate(text, allowed=allowed, matcher=self.matcher, max_chars=cfg.max_chars, complete=complete,
+                           not_liked=[item.title])
         if problem is None:
             yield Explanation(text, "llm", evidence, meta=meta)
         else:

@@ -173,7 +173,7 @@ class LM:
         generated: list[int] = []
         emitted = ""
         with torch.inference_mode():
-            out = self.model(**enc, use_cache=True)
+            out = self.model(**enc, use_cache=True, logits_to_keep=1)  # (1, 1, V): no logits for the prompt
             past = out.past_key_values
             length = int(enc["attention_mask"].sum())
             for _ in range(max_new_tokens):

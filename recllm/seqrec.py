@@ -7,6 +7,10 @@ u = [h, 1], v = [e, b]), so a Chroma collection in inner-product space reproduce
 Training: next-item prediction at every position with full-softmax cross-entropy over all items,
 on the train split only; early stopping on validation NDCG@10 after a minimum number of epochs.
 Checkpoint: `seq.safetensors` (weights) + `seq.json` (config, item ids, training log); no pickle.
+
+`CollaborativeRetriever` bundles the encoder with the count signals of `recllm.signals` (transitions,
+popularity) and the items' text vectors, fused with weights chosen on validation; `fit_retriever`
+fits and saves one folder (`recllm fit-retriever`), `CollaborativeRetriever.load` reads it back.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np

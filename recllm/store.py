@@ -9,8 +9,9 @@ the items collection, the item's `content_hash`.
 Indexing is incremental and restartable: it reads the stored hashes, embeds and upserts only items whose
 hash differs, in batches keyed by item id, and deletes items no longer in the catalog. Upsert by id makes
 a rerun after a crash (Ctrl-C, kill -9) converge with no duplicates and no loss. The collection's own
-metadata records the embedder's model id (a different model re-embeds everything) and, once a run has
-finished, the catalog fingerprint (a cheap "is the index current?" check).
+metadata records the embedder's model id (a different model re-embeds everything) and the catalog
+fingerprint, which is blanked before a run writes anything and set once it has finished, so "is the index
+current?" is a cheap check that an interrupted run can never pass.
 
 Embeddings are always passed explicitly: collections are opened with `embedding_function=None`, so
 Chroma never loads (or downloads) its default model. Telemetry is off.
@@ -337,10 +338,19 @@ class ItemStore:
 
     # ------------------------------------------------------------------ writing
 
-    def index(self, catalog: Catalog, embedder: Embedder, batch_size: int = 256, progress: bool = True) -> IndexStats:
-        """Bring the items collection in line with `catalog`; only new/changed items are embedded."""
+    def index(self, catalog: Catalog, embedder: Embedder, batch_size: int = 256, progress: bool = True,
+              verify: bool = False) -> IndexStats:
+        """Bring the items collection in line with `catalog`; only new/changed items are embedded.
+
+        When the last finished run saw this very catalog (fingerprint, model and count match) nothing
+        is read or written; `verify=True` compares every stored content hash anyway.
+        """
         started = time.perf_counter()
         stats = IndexStats(catalog=catalog.name, total=len(catalog))
+        if not verify and self.is_current(catalog, embedder):
+            stats.unchanged = len(catalog)
+            stats.seconds = time.perf_counter() - started
+            return stats
         meta = self.info(catalog)
         if meta and (meta.get(MODEL_KEY) != embedder.model_id or int(meta.get(DIM_KEY, embedder.dim)) != embedder.dim):
             _note(f"the index of {catalog.name} was built with {meta.get(MODEL_KEY)}; re-embedding with {embedder.model_id}")
@@ -351,8 +361,11 @@ class ItemStore:
             metadata={MODEL_KEY: embedder.model_id, DIM_KEY: embedder.dim},
         )
         stored = self._stored(ITEMS, catalog.name, with_hashes=True)
-        todo = [item for item in catalog if stored.get(item.item_id) != item.content_hash]
+        hashes = {item.item_id: item.content_hash for item in catalog}
+        todo = [item for item in catalog if stored.get(item.item_id) != hashes[item.item_id]]
         stale = [item_id for item_id in stored if item_id not in catalog]
+        if todo or stale:  # from here until the run finishes, the collection is not "current"
+            self._set_info(collection, embedder, fingerprint="")
         stats.unchanged = len(catalog) - len(todo)
         stats.added = sum(1 for item in todo if item.item_id not in stored)
         stats.updated = len(todo) - stats.added
@@ -372,7 +385,7 @@ class ItemStore:
             for start in range(0, len(todo), step):
                 batch = todo[start:start + step]
                 vectors = embedder.encode([item.text for item in batch], batch_size=min(step, 128), progress=False)
-                metadatas = [{**item_metadata(item), HASH_KEY: item.content_hash} for item in batch]
+                metadatas = [{**item_metadata(item), HASH_KEY: hashes[item.item_id]} for item in batch]
                 self._call("writing items", collection.upsert, ids=[item.item_id for item in batch],
                            embeddings=vectors, metadatas=metadatas)
                 stats.embedded += len(batch)
@@ -382,12 +395,15 @@ class ItemStore:
             if bar is not None:
                 bar.close()
         # Only a finished run records the fingerprint: an interrupted one is never taken as current.
-        self._call("writing collection metadata", collection.modify, metadata={
-            SPACE_KEY: "cosine", MODEL_KEY: embedder.model_id, DIM_KEY: embedder.dim,
-            FINGERPRINT_KEY: catalog.fingerprint,
-        })
+        self._set_info(collection, embedder, fingerprint=catalog.fingerprint)
         stats.seconds = time.perf_counter() - started
         return stats
+
+    def _set_info(self, collection, embedder: Embedder, fingerprint: str) -> None:
+        # `modify` replaces the whole metadata dict: always write every key.
+        self._call("writing collection metadata", collection.modify, metadata={
+            SPACE_KEY: "cosine", MODEL_KEY: embedder.model_id, DIM_KEY: embedder.dim, FINGERPRINT_KEY: fingerprint,
+        })
 
     def put_vectors(self, catalog: Catalog, kind: str, ids, vectors, space: str = "ip",
                     model: str = "", batch_size: int = 1000) -> int:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
-import math
 import shutil
 import sys
 import time
@@ -30,7 +28,6 @@ import numpy as np
 from recllm import evaluate, metrics, paths
 from recllm.errors import InputError
 
-log = logging.getLogger(__name__)
 
 FUSION_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # LLM share tried on validation
 
@@ -87,9 +84,14 @@ def retrieve(score_fn, histories: list[np.ndarray], n: int, chunk: int = 512) ->
         s[np.isnan(s)] = -np.inf
         for b, h in enumerate(hist):
             s[b, h] = -np.inf
-        top = metrics.top_k(s, n)
+        best = metrics.top_k(s, n)
+        v = np.take_along_axis(s, best, axis=1)
+        top = np.full((len(hist), n), -1, dtype=np.int64)  # -1 pads, as in evaluate.Ranking.top
+        val = np.full((len(hist), n), -np.inf, dtype=np.float32)
+        top[:, : best.shape[1]] = np.where(np.isfinite(v), best, -1)
+        val[:, : best.shape[1]] = v
         tops.append(top)
-        vals.append(np.take_along_axis(s, top, axis=1))
+        vals.append(val)
     return np.concatenate(tops), np.concatenate(vals)
 
 
@@ -153,6 +155,16 @@ class PhaseScores:
             if u not in fused:  # make rerank skip users we did not score (their target was not retrieved)
                 only.top[u] = -1
         return evaluate.rerank(only, data, ranker, self.phase)
+
+    def save(self, path: Path) -> None:
+        """Per-user scores as .npz (users, retriever, llm; rows padded with -inf to the same length)."""
+        width = max((len(x) for x in self.llm), default=0)
+
+        def pad(rows):
+            return np.array([np.pad(np.asarray(r, dtype=np.float64), (0, width - len(r)), constant_values=-np.inf)
+                             for r in rows]).reshape(len(rows), width)
+
+        np.savez(path, users=np.array(self.users, dtype=np.int64), retriever=pad(self.retriever), llm=pad(self.llm))
 
     def letter_wins(self) -> list[int]:
         """How often each letter (prompt position) gets the highest LLM score."""
@@ -252,7 +264,8 @@ def train(catalog=None, interactions=None, *, model=None, out: str | Path | None
 
     catalog / interactions: paths or loaded objects (None: bundled MovieLens). model: base model (None: the
     packaged SmolLM2), or an already loaded `llm.LM`. retriever: a fitted retriever folder or a loaded
-    `seqrec.CollaborativeRetriever` (None: fit one on the train split, kept in the work folder). work_dir: checkpoints (default `<home>/train/<out name>`); `resume` continues there.
+    `seqrec.CollaborativeRetriever` (None: fit one on the train split, kept in the work folder).
+    work_dir: checkpoints (default `<home>/train/<out name>`); `resume` continues there.
     default: mark the adapter as the default one for its base model (engine loads it automatically).
     """
     from recllm import llm
@@ -343,6 +356,8 @@ def train(catalog=None, interactions=None, *, model=None, out: str | Path | None
     if cfg.test_metrics:
         test_scores = score_phase(tuned_ranker, data, score_fn, titles, "test", progress=progress)
         result_metrics["test"] = phase_metrics(test_scores, data, weight)
+        test_scores.save(work / "scores-test.npz")
+    valid_scores.save(work / "scores-valid.npz")
     eval_wall = time.monotonic() - t
 
     from recllm.seqrec import data_fingerprint
@@ -361,7 +376,8 @@ def train(catalog=None, interactions=None, *, model=None, out: str | Path | None
                           "seed": getattr(fitted, "meta", {}).get("seed")},
         },
         hyperparameters={**asdict(cfg), "lora_target_modules": info["lora"]["target_modules"],
-                         "lora_layer_indices": info["lora"]["layers"], "loss": "cross-entropy over candidate-letter logits"},
+                         "lora_layer_indices": info["lora"]["layers"],
+                         "loss": "cross-entropy over candidate-letter logits"},
         metrics={**result_metrics, "eval_history": evals, "best_step_valid_ndcg10": info["best_metric"]},
         training={"global_step": info["global_step"], "best_checkpoint": info["best_checkpoint"],
                   "train_wall_s": round(train_wall, 1), "eval_during_training_s": round(eval_seconds, 1),
@@ -398,20 +414,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     parser.add_argument("--catalog", help="catalog CSV/JSONL (default: bundled MovieLens)")
     parser.add_argument("--interactions", help="interactions CSV (default: bundled MovieLens ratings)")
-    parser.add_argument("--model", help="base model: HF id in the local cache, folder or .gguf (default: packaged SmolLM2)")
+    parser.add_argument("--model", help="base model: HF id in the local cache, folder or .gguf (default: SmolLM2)")
     parser.add_argument("--out", help="adapter folder to write (default: adapters/<model>-<catalog>)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of an interrupted run")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument("--retriever", help="a fitted retriever folder (default: fit one on the train split)")
     parser.add_argument("--work-dir", help="checkpoints folder (default: <home>/train/<adapter name>)")
     parser.add_argument("--default", action="store_true", help="mark the adapter as the default for its base model")
     parser.add_argument("--config", help="JSON file of TrainConfig fields (the options below override it)")
-    parser.add_argument("--examples", type=int, default=None, help=f"cap on training examples (default {d.max_examples or 'all'})")
+    parser.add_argument("--examples", type=int, default=None,
+                        help=f"cap on training examples (default {d.max_examples or 'all'})")
     parser.add_argument("--epochs", type=float, default=None, help=f"passes over the examples (default {d.epochs})")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     parser.add_argument("--batch-size", type=int, default=None, help=f"examples per step (default {d.batch_size})")
     parser.add_argument("--lr", type=float, default=None, help=f"learning rate (default {d.lr})")
-    parser.add_argument("--eval-steps", type=int, default=None, help=f"evaluate and checkpoint every N steps (default {d.eval_steps})")
-    parser.add_argument("--eval-users", type=int, default=None, help=f"validation users per evaluation (default {d.eval_users})")
+    parser.add_argument("--eval-steps", type=int, default=None,
+                        help=f"evaluate and checkpoint every N steps (default {d.eval_steps})")
+    parser.add_argument("--eval-users", type=int, default=None,
+                        help=f"validation users per evaluation (default {d.eval_users})")
     parser.add_argument("--lora-layers", type=int, default=None, help="LoRA on the top N layers only (default: all)")
     parser.add_argument("--seed", type=int, default=None, help=f"seed (default {d.seed})")
     parser.add_argument("--no-test", action="store_true", help="skip scoring the test split after training")

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import re
 import socket
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-import app as chat_app
-from test_chat import HEAT, TOY_STORY, build_recommender
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # app.py lives at the top of the repository, outside the package
+    sys.path.insert(0, str(ROOT))
+
+import app as chat_app  # noqa: E402
+from test_chat import HEAT, TOY_STORY, build_recommender  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -60,6 +65,7 @@ def test_browser_conversation(served, recommender, tmp_path):
 
     url, _ = served
     catalog = recommender.catalog
+    expect.set_options(timeout=TIMEOUT_MS)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:

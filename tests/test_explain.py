@@ -17,6 +17,7 @@ from recllm.explain import (
     fallback_text,
     is_degenerate,
     named_titles_outside,
+    claims_liked,
     tidy,
     validate,
     why_answer,
@@ -110,6 +111,18 @@ def test_validator():
     # a title contained in an allowed title is fine; alone it is not
     assert named_titles_outside("You liked Toy Story 2.", ["Toy Story 2"], MATCHER) == []
     assert named_titles_outside("You liked Toy Story.", ["Toy Story 2"], MATCHER) == ["Toy Story"]
+
+
+def test_validator_rejects_claiming_the_recommended_item_as_liked():
+    allowed = ["Notting Hill", "Sabrina"]
+    bad = "You may enjoy Notting Hill because you've already watched Notting Hill twice."
+    assert validate(bad, allowed=allowed, matcher=MATCHER, not_liked=["Notting Hill"]).startswith("claims")
+    good = "You may enjoy Notting Hill because you liked Sabrina, and it is just as warm."
+    assert validate(good, allowed=allowed, matcher=MATCHER, not_liked=["Notting Hill"]) is None
+    final = Explainer(ScriptedLM("you loved Notting Hill."), titles=MATCHER).explain(
+        NOTTING, evidence(NOTTING, [SABRINA], None, None))
+    assert final.source == "fallback" and final.rejected.startswith("claims the user liked")
+    assert claims_liked("You really enjoyed the Notting Hill soundtrack", ["Notting Hill"]) == ["Notting Hill"]
 
 
 def test_degenerate_and_tidy():

@@ -119,6 +119,23 @@ def test_unchanged_reindex_does_no_embedding_work(tmp_path):
     stats = ItemStore(home=tmp_path).index(make_catalog(200), again, progress=False)
     assert again.calls == 0 and stats.embedded == 0 and stats.unchanged == 200
     assert time.perf_counter() - started < 5
+    verified = ItemStore(home=tmp_path).index(make_catalog(200), again, progress=False, verify=True)
+    assert again.calls == 0 and verified.unchanged == 200  # every stored hash compared: still no work
+
+
+def test_interrupted_run_is_never_taken_as_current(tmp_path):
+    """v1 indexed; a run for v2 dies half-way; back to v1: the half-written v2 items are re-embedded."""
+    v1 = make_catalog(40)
+    v2 = make_catalog(40, **{f"i{i}": Item(f"i{i}", f"Changed {i}", 2001) for i in range(40)})
+    store = ItemStore(home=tmp_path)
+    store.index(v1, FakeEmbedder(), progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        store.index(v2, FakeEmbedder(fail_after=1), batch_size=10, progress=False)
+    assert not store.is_current(v1, FakeEmbedder())
+    again = FakeEmbedder()
+    stats = store.index(v1, again, batch_size=10, progress=False)
+    assert stats.updated == 10 and again.texts == 10
+    assert store.is_current(v1, FakeEmbedder())
 
 
 def test_changed_added_and_removed_items(tmp_path):
