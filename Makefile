@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: setup
-	$(VENV)/bin/recllm demo
+	$(VENV)/bin/recllm serve
 
 # Debian's Chromium for the browser tests (never a downloaded browser)
 browser:

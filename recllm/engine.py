@@ -158,6 +158,10 @@ class Recommender:
             self._explainer = Explainer(self.lm, titles=[i.title for i in self.catalog])
         return self._explainer
 
+    def warm(self) -> None:
+        """Load the model (and build the ranker) now instead of at the first request."""
+        _ = self.ranker, self.explainer
+
     def describe(self) -> dict:
         lm = self._lm
         return {

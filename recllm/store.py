@@ -240,8 +240,12 @@ class ItemStore:
 
     def info(self, catalog: Catalog, kind: str = ITEMS) -> dict:
         """The collection's metadata (model id, dim, fingerprint, space); {} when missing."""
-        collection = self._collection(kind, catalog.name)
-        return dict(collection.metadata or {}) if collection is not None else {}
+        if self._collection(kind, catalog.name) is None:
+            return {}
+        # read afresh: another process (an index run, a server's other clients) may have changed it
+        fresh = self._call("reading collection metadata", self.client().get_collection,
+                           collection_name(kind, catalog.name), embedding_function=None)
+        return dict(fresh.metadata or {})
 
     def _stored(self, kind: str, catalog_name: str, *, with_hashes: bool) -> dict[str, str | None]:
         collection = self._collection(kind, catalog_name)
