@@ -7,7 +7,8 @@ Systems (LlamaRec protocol via recllm.evaluate, all users, history excluded from
   untuned            retriever + the untuned default model (fusion weight rank.DEFAULT_FUSION_WEIGHT)
   tuned              retriever + the adapter (its fusion weight, chosen on validation)
 Both LLM systems read the same prompts (the adapter's rank_config: history and title lengths). Per-user LLM
-scores are cached under --out (scores-<system>.npz) so tables can be rebuilt with --systems ... --reuse.
+scores are cached under --out (scores-<system>.npz) so tables can be rebuilt with --systems ... --reuse
+(`recllm train` leaves the tuned model's test scores in its work folder as scores-test.npz: the same format).
 Also prints training throughput from the adapter's metadata.
 """
 
@@ -53,7 +54,8 @@ def main(argv=None) -> int:
     titles = [catalog.get(i).label for i in data.item_ids]
     ranking = evaluate.rank_all(fitted.scores_idx, data, args.phase)
     meta = llm.read_adapter_metadata(args.adapter) if args.adapter else {}
-    rank_cfg = RankConfig(**meta["rank_config"]) if meta.get("rank_config") else RankConfig(max_history=10, title_chars=30)
+    rank_cfg = RankConfig(**meta["rank_config"]) if meta.get("rank_config") else RankConfig(max_history=10,
+                                                                                              title_chars=30)
 
     report: dict = {"phase": args.phase, "users": data.n_users, "retriever": args.retriever, "adapter": args.adapter,
                     "rank_config": rank_cfg.to_dict(), "systems": {}, "timings_s": {}}
@@ -74,19 +76,22 @@ def main(argv=None) -> int:
         t = time.monotonic()
         if args.reuse and cache.is_file():
             z = np.load(cache)
-            sc = PhaseScores(args.phase, ranking, [int(u) for u in z["users"]], list(z["retriever"]), list(z["llm"]))
+            keep = [np.isfinite(r) for r in z["retriever"]]  # rows are padded with -inf (PhaseScores.save)
+            sc = PhaseScores(args.phase, ranking, [int(u) for u in z["users"]],
+                             [r[k] for r, k in zip(z["retriever"], keep)], [s[k] for s, k in zip(z["llm"], keep)])
         else:
             lm = llm.load_model(None, args.adapter if system == "tuned" else None)
             ranker = LLMRanker(lm, config=rank_cfg, fusion_weight=weight)
             sc = score_phase(ranker, data, fitted.scores_idx, titles, args.phase, progress=True, ranking=ranking)
-            np.savez(cache, users=np.array(sc.users), retriever=np.array(sc.retriever), llm=np.array(sc.llm))
+            sc.save(cache)
             report["timings_s"][system] = round(time.monotonic() - t, 1)
             report["timings_s"][f"{system}_per_user"] = round((time.monotonic() - t) / max(len(sc.users), 1), 2)
         m = phase_metrics(sc, data, weight)
         llm_only = phase_metrics(sc, data, 1.0)
         wins = m["letter_wins"]
         report["systems"][system] = {
-            "fusion_weight": weight, "all": m["fused"], "subset": m["fused_subset"], "subset_users": m["retrieved_users"],
+            "fusion_weight": weight, "all": m["fused"], "subset": m["fused_subset"],
+            "subset_users": m["retrieved_users"],
             "llm_alone_all": llm_only["fused"], "llm_alone_subset": llm_only["fused_subset"],
             "letter_win_rate": {LETTERS[i]: round(w / max(sum(wins), 1), 4) for i, w in enumerate(wins)},
             "letter_wins": dict(zip(LETTERS, wins)),
