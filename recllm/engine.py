@@ -345,6 +345,12 @@ class Recommender:
                 pass
         return why_from_trace(item_id, self.catalog.get(item_id).label, result.trace)
 
+    def chat(self, **options):
+        """A new `ChatSession` on this engine (its state is its own; the engine is shared)."""
+        from recllm.chat import ChatSession
+
+        return ChatSession(self, **options)
+
     def search(self, text: str, k: int = 10, filters: Filters | None = None) -> list[Candidate]:
         if len(text) > self.limits.max_query_chars:
             raise InputError(f"text is {len(text)} characters long; the limit is {self.limits.max_query_chars}")

@@ -11,14 +11,14 @@ embedded and blended in: u = normalise((1 - query_weight) * history + query_weig
 history the query alone is used (cold start). The store returns the nearest items by cosine, with the
 history, `filters.exclude_ids` and the metadata filters applied.
 
-Collaborative signal (optional): an object with `encode_users(histories) -> (B, D)` (a
-`seqrec.SeqEncoder` as is) or `user_vector(history) -> (D,) | None`, whose item vectors were stored with
-`ItemStore.put_vectors(catalog, "seq", ids, vectors)`. When one is given, each signal fetches
-`overfetch * k` candidates from the store (filters and exclusions applied), every candidate of the
-union gets both signals' exact scores (content cosine, collaborative inner product; an item the
-collaborative model does not know gets the lowest collaborative score seen), and `fuse` turns those
-per-signal score arrays into one (reciprocal-rank fusion by default; `partial(signals.fuse, weights=w)`
-for a tuned weighted sum). `Candidate.signals` keeps every signal's score and rank.
+Collaborative signal (optional, see `CollaborativeSignal`): an object with `kind`, `user_vector(history)`
+(or `encode_users`) and optionally `make_fuse(history)` (`seqrec.CollaborativeRetriever` as is), whose
+item vectors were stored with `ItemStore.put_vectors(catalog, kind, ids, vectors)`. When one is given and
+it knows an item of the history, each signal fetches `overfetch * k` candidates from the store (filters
+and exclusions applied); every candidate of the union gets both signals' exact scores (content cosine,
+collaborative inner product; an item the collaborative model does not know gets the lowest score seen);
+and a fuse turns the per-signal lists into the top k: the Retriever's `fuse` if given, else the signal's
+`make_fuse(history)`, else reciprocal-rank fusion. `Candidate.signals` keeps every signal's score and rank.
 """
 
 from __future__ import annotations
@@ -90,28 +90,29 @@ class Candidate:
 
 @runtime_checkable
 class CollaborativeSignal(Protocol):
-    """What the Retriever needs from a collaborative retriever. `seqrec.SeqEncoder` fits as is through
-    `encode_users`; an object may instead define `user_vector(history) -> (D,) | None`."""
+    """What the Retriever needs from a collaborative retriever (`seqrec.CollaborativeRetriever` fits):
 
-    def encode_users(self, histories: list[list[str]]) -> np.ndarray:
-        """(B, D) query vectors; score(user, item) = user . item_vector (inner product)."""
+    - `kind`: store collection kind of its item vectors ("seq" → `seq__<catalog>`; "seq" when absent);
+    - `user_vector(history) -> (D,) | None` (None: it knows no item of the history), or else
+      `encode_users(histories) -> (B, D)`; score(user, item) = user . item vector;
+    - optionally `make_fuse(history) -> Fuse`: its own per-request fusion, used unless the Retriever
+      was given a `fuse`.
+    """
+
+    def user_vector(self, history: list[str]) -> np.ndarray | None: ...
 
 
-SignalScores = dict[str, np.ndarray]  # signal name -> (C,) scores of the C candidates, higher is better
-Fuse = Callable[[SignalScores], np.ndarray]  # -> (C,) fused scores; e.g. partial(signals.fuse, weights=w)
+Ranked = list[tuple[str, float]]  # (item_id, score), best first
+Fuse = Callable[[dict[str, Ranked], int], Ranked]  # per-signal lists, k -> fused top-k, best first
 
 
-def rrf_fuse(scores: SignalScores, c: float = 60.0) -> np.ndarray:
-    """Reciprocal-rank fusion: sum over signals of 1 / (c + rank), rank 1 = best within the candidates."""
-    total = None
-    for values in scores.values():
-        values = np.asarray(values, dtype=np.float64)
-        order = np.argsort(-values, kind="stable")
-        ranks = np.empty(len(values), dtype=np.float64)
-        ranks[order] = np.arange(1, len(values) + 1)
-        part = 1.0 / (c + ranks)
-        total = part if total is None else total + part
-    return (total if total is not None else np.zeros(0)).astype(np.float32)
+def rrf_fuse(ranked: dict[str, Ranked], k: int, c: float = 60.0) -> Ranked:
+    """Reciprocal-rank fusion: score(item) = sum over signals of 1 / (c + rank), rank 1 = best."""
+    scores: dict[str, float] = {}
+    for hits in ranked.values():
+        for rank, (item_id, _) in enumerate(hits, start=1):
+            scores[item_id] = scores.get(item_id, 0.0) + 1.0 / (c + rank)
+    return sorted(scores.items(), key=lambda kv: -kv[1])[:k]
 
 
 @dataclass
@@ -122,20 +123,19 @@ class RetrieverConfig:
     max_history: int = 20  # only the newest items shape the user vector (all are still excluded)
     query_weight: float = 0.5  # share of the query embedding when both history and query are given
     overfetch: int = 3  # with a collaborative signal, each signal fetches overfetch * k before fusion
-    collaborative_kind: str = "seq"  # store collection of the collaborative item vectors
 
 
 class Retriever:
     """History and/or query → `Candidate`s from the item store."""
 
     def __init__(self, catalog, store, embedder, interactions=None, *, collaborative: CollaborativeSignal | None = None,
-                 fuse: Fuse = rrf_fuse, config: RetrieverConfig | None = None):
+                 fuse: Fuse | None = None, config: RetrieverConfig | None = None):
         self.catalog = catalog
         self.store = store
         self.embedder = embedder
         self.interactions = interactions
         self.collaborative = collaborative
-        self.fuse = fuse
+        self.fuse = fuse  # None: the collaborative signal's own `make_fuse(history)`, else `rrf_fuse`
         self.config = config or RetrieverConfig()
 
     # ------------------------------------------------------------------ history
@@ -208,7 +208,7 @@ class Retriever:
             hits = self.store.query(self.catalog, content_vec, k, filters, exclude)
             return [self._candidate(item_id, score, {"content": score, "content_rank": rank})
                     for rank, (item_id, score) in enumerate(hits, start=1)]
-        return self._fused(content_vec, collab_vec, k, filters, exclude)
+        return self._fused(history, content_vec, collab_vec, k, filters, exclude)
 
     def collaborative_vector(self, history: list[str]) -> np.ndarray | None:
         """The collaborative signal's (D,) user vector, or None (no signal, or it knows no history item)."""
@@ -224,32 +224,38 @@ class Retriever:
             vec = signal.encode_users([history])[0]
         return None if vec is None else np.asarray(vec, dtype=np.float32).reshape(-1)
 
-    def _fused(self, content_vec, collab_vec, k, filters, exclude) -> list[Candidate]:
-        kind = self.config.collaborative_kind
+    def _fused(self, history, content_vec, collab_vec, k, filters, exclude) -> list[Candidate]:
+        kind = getattr(self.collaborative, "kind", "seq")
         n = k * max(1, self.config.overfetch)
         content_hits = self.store.query(self.catalog, content_vec, n, filters, exclude)
         collab_hits = self.store.query_vectors(self.catalog, kind, collab_vec, n, filters, exclude)
         ids = list(dict.fromkeys([i for i, _ in content_hits] + [i for i, _ in collab_hits]))
         if not ids:
             return []
-        # exact scores of every candidate under both signals, (C,) each
-        content = self.store.get_vectors(self.catalog, ids)
-        collab = self.store.get_vectors(self.catalog, ids, kind=kind)
+        # Every candidate of the union gets both signals' exact scores, so each list handed to the
+        # fuse covers the whole union (an item outside the collaborative model gets its lowest score).
         scores = {
-            "content": _dots(ids, content, content_vec),
-            kind: _dots(ids, collab, collab_vec),
+            "content": _dots(ids, self.store.get_vectors(self.catalog, ids), content_vec),
+            kind: _dots(ids, self.store.get_vectors(self.catalog, ids, kind=kind), collab_vec),
         }
-        fused = np.asarray(self.fuse(scores), dtype=np.float64)
-        ranks = {name: _ranks(values) for name, values in scores.items()}
-        order = np.argsort(-fused, kind="stable")[:k]
+        ranked = {name: sorted(zip(ids, values.tolist()), key=lambda pair: -pair[1]) for name, values in scores.items()}
+        tables = {name: {item_id: (rank, score) for rank, (item_id, score) in enumerate(hits, start=1)}
+                  for name, hits in ranked.items()}
+        fuse = self.fuse
+        if fuse is None:
+            make = getattr(self.collaborative, "make_fuse", None)
+            fuse = make(history) if make is not None else rrf_fuse
+        allowed = set(ids)  # a fuse must not bring in items that were filtered or excluded
         out = []
-        for j in order:
-            signals = {}
-            for name in scores:
-                signals[name] = float(scores[name][j])
-                signals[f"{name}_rank"] = float(ranks[name][j])
-            out.append(self._candidate(ids[j], float(fused[j]), signals))
-        return out
+        for item_id, score in fuse(ranked, k):
+            if item_id not in allowed:
+                continue
+            signals: dict[str, float] = {}
+            for name, table in tables.items():
+                signals[f"{name}_rank"], signals[name] = table[item_id]
+            out.append(self._candidate(item_id, score, signals))
+        out.sort(key=lambda c: -c.score)
+        return out[:k]
 
     def search(self, text: str, *, k: int = 10, filters: Filters | None = None) -> list[Candidate]:
         """Items nearest to a free-text description (no history)."""
@@ -268,14 +274,6 @@ def _dots(ids: list[str], vectors: dict[str, np.ndarray], query: np.ndarray) -> 
     if np.isnan(values).all():
         return np.zeros(len(ids), dtype=np.float32)
     return np.where(np.isnan(values), np.nanmin(values), values).astype(np.float32)
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """1-based rank of each value, highest first."""
-    order = np.argsort(-np.asarray(values), kind="stable")
-    ranks = np.empty(len(order), dtype=np.float64)
-    ranks[order] = np.arange(1, len(order) + 1)
-    return ranks
 
 
 def _unit(vec) -> np.ndarray:

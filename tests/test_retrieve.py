@@ -1,8 +1,6 @@
 """Retriever over the small MovieLens subset in a real Chroma: invariants (hypothesis), recency weighting,
 cold-start queries, history resolution and the collaborative hook."""
 
-from functools import partial
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -146,6 +144,8 @@ def test_user_history(retriever, catalog):
 class FakeCollaborative:
     """Random item vectors and a mean-of-history user vector: stands in for seqrec.SeqEncoder."""
 
+    kind = "seq"
+
     def __init__(self, ids, dim=8):
         self.item_ids = list(ids)
         self.index = {item: i for i, item in enumerate(self.item_ids)}
@@ -170,13 +170,25 @@ def test_collaborative_signal_is_fused(retriever, catalog, tmp_path):
         for c in result:  # the signals are exact scores
             if c.item_id in collab.index:
                 assert c.signals["seq"] == pytest.approx(float(collab.vectors[collab.index[c.item_id]] @ user), abs=1e-4)
-        # a weighted-sum fuse (the evaluation's `signals.fuse` shape) is honoured
+        # a given fuse wins: here the collaborative list alone
         seq_only = Retriever(catalog, store, retriever.embedder, collaborative=collab,
-                             fuse=partial(lambda scores, w: sum(w[n] * scores[n] for n in w), w={"seq": 1.0, "content": 0.0}))
+                             fuse=lambda ranked, k: ranked["seq"][:k])
         ranked = seq_only.retrieve(history=history, k=5)
-        exclude = set(history)
-        expected = [i for i, _ in store.query_vectors(catalog, "seq", user, k=5, exclude_ids=exclude)]
+        expected = [i for i, _ in store.query_vectors(catalog, "seq", user, k=5, exclude_ids=set(history))]
         assert [c.item_id for c in ranked] == expected
+        # else the signal's own per-request fuse (seqrec.CollaborativeRetriever.make_fuse)
+        calls = []
+
+        def make_fuse(h):
+            calls.append(list(h))
+            return lambda ranked, k: sorted(ranked["content"], key=lambda p: p[1])[:k] + [("not-a-candidate", 9.0)]
+
+        collab.make_fuse = make_fuse
+        worst_first = fused.retrieve(history=history, k=3)
+        assert calls == [history]
+        assert [c.item_id for c in worst_first] != [c.item_id for c in result[:3]]
+        assert "not-a-candidate" not in [c.item_id for c in worst_first]  # a fuse cannot add items
+        del collab.make_fuse
         filters = Filters(genres=("Comedy",), year_min=1995)
         check_invariants(fused.retrieve(history=history, k=10, filters=filters), catalog, history, 10, filters)
         # a history the collaborative model does not know falls back to content alone
@@ -187,6 +199,6 @@ def test_collaborative_signal_is_fused(retriever, catalog, tmp_path):
 
 
 def test_rrf_fuse():
-    fused = rrf_fuse({"a": np.array([3.0, 2.0, 1.0]), "b": np.array([1.0, 2.0, 3.0])})
-    assert fused[1] > 0 and fused[0] == pytest.approx(fused[2])
-    assert rrf_fuse({"a": np.array([0.1, 0.9])}).argmax() == 1
+    fused = dict(rrf_fuse({"a": [("x", 3.0), ("y", 2.0), ("z", 1.0)], "b": [("z", 3.0), ("y", 2.0), ("x", 1.0)]}, k=3))
+    assert fused["x"] == pytest.approx(fused["z"]) and fused["x"] > fused["y"] - 1e-3
+    assert [i for i, _ in rrf_fuse({"a": [("p", 0.9), ("q", 0.1)], "b": [("q", 5.0)]}, k=1)] == ["q"]
