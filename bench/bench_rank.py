@@ -41,9 +41,12 @@ def pct(values, q):
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def parse_generated(text, n_candidates, candidate_titles, matcher):
-    """(positions in order, named non-candidate?, full ranking?) of a generated ordering."""
+def parse_generated(text, n_candidates, candidate_titles, matcher, cut=False):
+    """(positions in order, named non-candidate?, full ranking?) of a generated ordering of letters."""
     from recllm.llm import LETTERS
+
+    if cut:  # the token limit was hit: drop the unfinished last entry
+        text = re.sub(r"[^,\n]*$", "", text)
 
     letters = re.findall(r"(?<![A-Za-z])([A-Z])(?![a-z])", text)
     order, non_candidate = [], False
@@ -61,18 +64,26 @@ def parse_generated(text, n_candidates, candidate_titles, matcher):
     return order, non_candidate, sorted(order) == list(range(n_candidates))
 
 
-def parse_generated_titles(text, candidate_titles):
-    """(positions in order, named non-candidate?, full ranking?) of a generated list of titles, one per line."""
+def parse_generated_titles(text, candidate_titles, cut=False):
+    """(positions in order, named non-candidate?, full ranking?) of a generated list of titles, one per line.
+
+    A line matches a candidate when it equals its title, contains it, or is the prompt's cut version of it
+    ("Serving in Silence: The Margarethe Ca..."). With `cut` (the token limit was hit) the last, unfinished
+    line is ignored."""
     from recllm.catalog import normalize_title
 
     keys = [normalize_title(re.sub(r"\s*\(\d{4}\)\s*$", "", t)) for t in candidate_titles]
+    lines = text.splitlines()
+    if cut and lines and not text.endswith("\n"):
+        lines = lines[:-1]
     order, non_candidate = [], False
-    for line in text.splitlines():
+    for line in lines:
         entry = normalize_title(re.sub(r"^\s*(?:\d+[.)]|[-*]|\(?[A-T]\))\s*", "", line))
         entry = re.sub(r"\s*\d{4}$", "", entry).strip()
         if not entry:
             continue
-        hits = [i for i, k in enumerate(keys) if k and (k == entry or (len(k) > 3 and k in entry))]
+        hits = [i for i, k in enumerate(keys)
+                if k and (k == entry or (len(k) > 3 and k in entry) or (len(entry) >= 12 and k.startswith(entry)))]
         if hits:
             if hits[0] not in order:
                 order.append(hits[0])
@@ -90,11 +101,11 @@ def generation_run(lm, ranker, requests, titles, max_tokens, parse, label):
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
         n_tokens.append(lm.token_count(text))
-        order, nc, fl = parse(text, cands)
+        order, nc, fl = parse(text, cands, n_tokens[-1] >= max_tokens)
         non_cand += nc
         full += fl
         ranks.append(order.index(target) + 1 if target in order else None)
-        samples.append(text[:200])
+        samples.append(text)
         log(f"  generation ({label}) user {n + 1}: {times[-1]:.2f} s, {n_tokens[-1]} tokens, "
             f"non-candidate={nc}, full={fl}: {text[:100]!r}")
     if not times:
@@ -105,7 +116,7 @@ def generation_run(lm, ranker, requests, titles, max_tokens, parse, label):
         "tokens_median": statistics.median(n_tokens),
         "s_per_token_median": round(statistics.median(t / max(1, k) for t, k in zip(times, n_tokens)), 4),
         "non_candidate_share": non_cand / len(times), "full_ranking_share": full / len(times),
-        "hit1": sum(r == 1 for r in ranks) / len(ranks), "samples": samples[:3],
+        "hit1": sum(r == 1 for r in ranks) / len(ranks), "texts": samples,
     }
 
 
@@ -247,7 +258,8 @@ def main(argv=None) -> int:
         gen_ranker = LLMRanker(lm, prompt="rank_generate")  # same lists, asks for an ordered list of letters
         generation["letters"] = generation_run(
             lm, gen_ranker, gen_requests, titles, args.gen_tokens,
-            lambda text, cands: parse_generated(text, len(cands), [c.title for c in cands], matcher), "letters")
+            lambda text, cands, cut: parse_generated(text, len(cands), [c.title for c in cands], matcher, cut),
+            "letters")
         if generation["letters"]:
             generation["letters"]["speed_ratio"] = round(generation["letters"]["s_median"] / med_single, 1)
             generation["letters"]["speed_ratio_cpu"] = round(
@@ -257,7 +269,7 @@ def main(argv=None) -> int:
         gen_ranker = LLMRanker(lm, prompt="rank_generate_titles")  # asks for the titles, one per line
         generation["titles"] = generation_run(
             lm, gen_ranker, gen_requests, titles, args.gen_title_tokens,
-            lambda text, cands: parse_generated_titles(text, [c.title for c in cands]), "titles")
+            lambda text, cands, cut: parse_generated_titles(text, [c.title for c in cands], cut), "titles")
         if generation["titles"]:
             generation["titles"]["speed_ratio"] = round(generation["titles"]["s_median"] / med_single, 1)
             generation["titles"]["speed_ratio_cpu"] = round(

@@ -186,8 +186,8 @@ def test_run_eval_end_to_end_on_a_planted_pattern(tmp_path):
     from recllm.seqrec import SeqConfig
 
     items, inter, vectors = planted(tmp_path)
-    cfg = SeqConfig(dim=32, blocks=1, max_len=12, dropout=0.1, lr=5e-3, batch_size=16, max_epochs=40,
-                    min_epochs=5, patience=8, time_budget_s=30)
+    cfg = SeqConfig(dim=32, blocks=1, max_len=12, dropout=0.1, lr=5e-3, batch_size=16, max_epochs=25,
+                    min_epochs=5, patience=5, time_budget_s=30)
     out = tmp_path / "out"
     report = evaluate.run_eval(items, inter, seeds=(0,), out_dir=out, content_vectors=vectors, config=cfg,
                                progress=False, ranker=lambda reqs: [[-i for i in range(len(c))] for _, c, _ in reqs],
