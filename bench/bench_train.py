@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         wins = m["letter_wins"]
         report["systems"][system] = {
             "fusion_weight": weight, "all": m["fused"], "subset": m["fused_subset"],
-            "subset_users": m["retrieved_users"],
+            "subset_users": m["subset_users"],
             "llm_alone_all": llm_only["fused"], "llm_alone_subset": llm_only["fused_subset"],
             "letter_win_rate": {LETTERS[i]: round(w / max(sum(wins), 1), 4) for i, w in enumerate(wins)},
             "letter_wins": dict(zip(LETTERS, wins)),

@@ -91,7 +91,7 @@ class Item:
                 meta[key] = value
         return meta
 
-    @property
+    @cached_property
     def content_hash(self) -> str:
         """Changes whenever the embedded text or the stored metadata would change."""
         payload = json.dumps([self.text, self.metadata()], sort_keys=True, ensure_ascii=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from functools import cached_property
@@ -188,9 +189,47 @@ def history_from_args(session: Session, user: str | None, history: str | None) -
     return ids
 
 
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Options of the ranking engine (model, adapter, ranker, explanations)."""
+    parser.add_argument("--ranker", choices=("llm", "none"), default=os.environ.get("RECLLM_RANKER", "llm"),
+                        help="llm: the language model re-ranks the retriever's candidates (default; "
+                             "$RECLLM_RANKER overrides); none: retriever order")
+    parser.add_argument("--model", metavar="ID", help="Hugging Face causal LM id (local cache) or folder "
+                        "(default: the packaged SmolLM2-135M-Instruct)")
+    parser.add_argument("--adapter", metavar="PATH", default="auto",
+                        help="LoRA adapter folder or name under adapters/; 'auto' (default): the shipped one "
+                             "for the default model; 'none': no adapter")
+    parser.add_argument("--allow-mismatch", action="store_true",
+                        help="load an adapter trained on another base model or prompt (a warning, not an error)")
+    parser.add_argument("--fusion-weight", type=float, metavar="W",
+                        help="LLM share of the final score, 0..1 (default: the adapter's, else 0.5)")
+    parser.add_argument("--explain", type=int, default=3, metavar="N", help="explain the top N items (default 3)")
+
+
+def engine_from_args(args: argparse.Namespace):
+    """A `Recommender` from --catalog/--interactions/--chroma-url and the engine options."""
+    from recllm.engine import Recommender
+
+    adapter = getattr(args, "adapter", "auto")
+    return Recommender(
+        getattr(args, "catalog", None), getattr(args, "interactions", None),
+        chroma_url=getattr(args, "chroma_url", None), model=getattr(args, "model", None),
+        adapter=None if adapter in (None, "none") else adapter, ranker=getattr(args, "ranker", "llm"),
+        explain=getattr(args, "explain", 3), fusion_weight=getattr(args, "fusion_weight", None),
+        allow_mismatch=getattr(args, "allow_mismatch", False), progress=not getattr(args, "quiet", False))
+
+
+def request_from_args(args: argparse.Namespace, rec):
+    from recllm.engine import Request
+
+    history = [ref.strip() for ref in (args.history or "").split("|") if ref.strip()]
+    return Request(user=args.user, history=history, query=args.query, k=args.k,
+                   filters=filters_from_args(args, rec.catalog), explain=min(args.explain, args.k))
+
+
 def recommend_rows(session: Session, *, user: str | None = None, history: str | None = None,
                    query: str | None = None, k: int = 10, filters=None) -> list[dict]:
-    """The recommend work: rows of {item_id, title, score, signals}. (The engine takes over here later.)"""
+    """Retriever-only rows of {item_id, title, score, signals} (the demo; `recommend` uses the engine)."""
     ids = history_from_args(session, user, history)
     session.ensure_index()
     candidates = session.retriever().retrieve(history=ids, k=k, filters=filters, query=query)
@@ -229,8 +268,7 @@ def run_index(args) -> int:
     return 0
 
 
-def add_recommend(sub) -> None:
-    parser = sub.add_parser("recommend", help="recommend items for a user or a history")
+def add_who(parser: argparse.ArgumentParser) -> None:
     who = parser.add_mutually_exclusive_group()
     who.add_argument("--user", metavar="ID", help="a user id from the interactions")
     who.add_argument("--history", metavar='"A|B|C"', help="item ids or titles, oldest first, separated by |")
@@ -238,19 +276,75 @@ def add_recommend(sub) -> None:
     parser.add_argument("-k", type=positive_int, default=10, help="how many items (default 10)")
     add_filter_args(parser)
     add_catalog_args(parser, interactions=True)
+    add_engine_args(parser)
     add_output_args(parser)
+
+
+def add_recommend(sub) -> None:
+    parser = sub.add_parser("recommend", help="recommend items for a user or a history (retrieve, LLM rank, explain)")
+    add_who(parser)
+    parser.add_argument("--trace", action="store_true", help="with --json: include the full trace of the request")
     parser.set_defaults(func=run_recommend, parser=parser)
 
 
-def run_recommend(args) -> int:
+def _engine_and_result(args):
     if args.user is None and args.history is None and not args.query:
         args.parser.error("one of --user, --history or --query is required")
-    session = Session(args)
-    filters = filters_from_args(args, session.catalog)
-    rows = recommend_rows(session, user=args.user, history=args.history, query=args.query, k=args.k,
-                          filters=filters)
-    print_rows(rows, args.json)
+    rec = engine_from_args(args)
+    result = rec.recommend(request_from_args(args, rec))
+    if result.trace.get("unknown"):
+        note(f"skipped {len(result.trace['unknown'])} unknown item(s): "
+             f"{', '.join(map(repr, result.trace['unknown']))}")
+    return rec, result
+
+
+def run_recommend(args) -> int:
+    _, result = _engine_and_result(args)
+    if args.json and args.trace:
+        json.dump(result.to_dict(trace=True), sys.stdout, ensure_ascii=False, indent=2, default=_json_default)
+        sys.stdout.write("\n")
+    else:
+        print_rows([r.to_dict() for r in result.recommendations], args.json)
     return 0
+
+
+def _json_default(value):
+    return None if isinstance(value, float) else str(value)
+
+
+def add_why(sub) -> None:
+    parser = sub.add_parser("why", help="why was ITEM recommended (or not) for this user/history?")
+    parser.add_argument("item", metavar="ITEM", help="an item id, a title, or #N for the N-th recommendation")
+    add_who(parser)
+    parser.set_defaults(func=run_why, parser=parser)
+
+
+def run_why(args) -> int:
+    rec, result = _engine_and_result(args)
+    print(rec.why(args.item, result))
+    return 0
+
+
+def add_serve(sub) -> None:
+    parser = sub.add_parser("serve", help="start the chat app in the browser (Gradio)")
+    parser.add_argument("app_args", nargs=argparse.REMAINDER,
+                        help="options of the app: --host, --port, --catalog, --interactions, --model, --adapter, "
+                             "--chroma-url")
+    parser.set_defaults(func=run_serve)
+
+
+def run_serve(args) -> int:
+    import app
+
+    return app.main(args.app_args)
+
+
+def add_batch(sub) -> None:
+    from recllm import batch
+
+    parser = sub.add_parser("batch", help="serve a JSONL file of requests (resumable, data-parallel)")
+    batch.add_arguments(parser)
+    parser.set_defaults(func=batch.run)
 
 
 def add_items(sub) -> None:
@@ -292,7 +386,7 @@ def run_demo(args) -> int:
     return 0
 
 
-SUBCOMMANDS = [add_index, add_recommend, add_items, add_demo]
+SUBCOMMANDS = [add_index, add_recommend, add_why, add_items, add_serve, add_batch, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

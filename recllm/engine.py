@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -118,8 +119,8 @@ class Recommender:
     def ensure_index(self) -> None:
         """Index the catalog when the store lacks it or it changed (embeds only new/changed items)."""
         if not self.store.is_current(self.catalog, self.embedder):
-            if self.progress:
-                log.warning("indexing catalog %s (%d items) ...", self.catalog.name, len(self.catalog))
+            what = "changed or unfinished" if self.store.has(self.catalog) else "not indexed yet"
+            print(f"note: catalog {self.catalog.name} is {what}: indexing it first", file=sys.stderr)
             self.store.index(self.catalog, self.embedder, progress=self.progress)
 
     def _load_collaborative(self):

@@ -139,7 +139,10 @@ class PhaseScores:
     llm: list[np.ndarray] = field(default_factory=list)  # per scored user: (n,) letter logits
 
     def ranks(self, data: evaluate.EvalData, weight: float) -> np.ndarray:
-        """Ranks over ALL users after fusing with `weight` (misses stay inf), through `evaluate.rerank`."""
+        """Ranks over ALL users after fusing with `weight` (misses stay inf), through `evaluate.rerank`.
+
+        Users with a retrieved true item that were not scored (a sample was) keep the retriever's rank.
+        """
         from recllm.rank import fuse
 
         fused = {u: fuse(l, r, weight) for u, l, r in zip(self.users, self.llm, self.retriever)}
@@ -154,7 +157,11 @@ class PhaseScores:
         for u in range(len(only.top)):
             if u not in fused:  # make rerank skip users we did not score (their target was not retrieved)
                 only.top[u] = -1
-        return evaluate.rerank(only, data, ranker, self.phase)
+        ranks = evaluate.rerank(only, data, ranker, self.phase)
+        unscored = np.ones(len(ranks), dtype=bool)
+        unscored[self.users] = False
+        ranks[unscored] = self.ranking.ranks[unscored]
+        return ranks
 
     def save(self, path: Path) -> None:
         """Per-user scores as .npz (users, retriever, llm; rows padded with -inf to the same length)."""
@@ -216,10 +223,12 @@ def choose_fusion_weight(scores: PhaseScores, data: evaluate.EvalData, grid=FUSI
 def phase_metrics(scores: PhaseScores, data: evaluate.EvalData, weight: float) -> dict:
     """Metrics over all users and over the true-item-retrieved subset, for retriever alone and fused."""
     ranks = scores.ranks(data, weight)
-    hit = scores.ranking.ranks <= scores.ranking.top.shape[1]
+    hit = np.zeros(len(ranks), dtype=bool)
+    hit[scores.users] = True  # the scored users (all retrieved ones unless a sample was drawn)
     return {
         "users": int(len(ranks)),
-        "retrieved_users": int(hit.sum()),
+        "retrieved_users": int((scores.ranking.ranks <= scores.ranking.top.shape[1]).sum()),
+        "subset_users": int(hit.sum()),  # users behind the *_subset metrics (scored by the LLM)
         "retriever": metrics.summarize(scores.ranking.ranks),
         "fused": metrics.summarize(ranks),
         "retriever_subset": metrics.summarize(scores.ranking.ranks[hit]) if hit.any() else {},

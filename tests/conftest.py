@@ -25,6 +25,8 @@ def _models_cache(request, tmp_path_factory):
 def _recllm_home(tmp_path, monkeypatch):
     """Every test gets its own empty data home."""
     monkeypatch.setenv("RECLLM_HOME", str(tmp_path / "recllm-home"))
+    # CLI runs rank in retriever order unless a test asks for the LLM (`--ranker llm`)
+    monkeypatch.setenv("RECLLM_RANKER", "none")
 
 
 @pytest.fixture(scope="session")

@@ -53,8 +53,9 @@ def test_recommend_user_text_output_with_filters(capsys, indexed):
     code, out, err = run(capsys, "recommend", "--user", "1", "-k", "4", "--genre", "Comedy", "--years", "1990-1999",
                          "--catalog", catalog_path, "--interactions", interactions_path)
     assert code == 0, err
-    lines = [line for line in out.splitlines() if line.strip()]
+    lines = [line for line in out.splitlines() if line.strip() and not line.startswith("    ")]  # items, not reasons
     assert len(lines) == 4 and lines[0].startswith(" 1. ")
+    assert len([line for line in out.splitlines() if line.startswith("    ")]) == 3  # top 3 explained
     catalog = load_catalog(catalog_path)
     for line in lines:
         item = catalog.get(line.rsplit("[id ", 1)[1].split(",")[0])
@@ -82,7 +83,8 @@ def test_items_search(capsys, indexed):
 
 def test_index_is_incremental_and_recommend_auto_indexes(capsys, tmp_path, small_catalog_files):
     """A fresh home: `recommend` indexes first (note on stderr); `index` afterwards has nothing to do."""
-    code, out, err = run(capsys, "recommend", "--history", "Heat", "-k", "2", "--catalog", small_catalog_files[0], "-q")
+    code, out, err = run(capsys, "recommend", "--history", "Heat", "-k", "2", "--catalog", small_catalog_files[0], "-q",
+                         "--explain", "0")
     assert code == 0, err
     assert "indexing it first" in err and len(out.strip().splitlines()) == 2
     code, out, err = run(capsys, "index", "--catalog", small_catalog_files[0], "--json")
@@ -179,3 +181,37 @@ def test_python_dash_m_entry_point(indexed):
                           "--interactions", str(indexed[1])], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.strip().splitlines()[-1].startswith("error: unknown user") and "Traceback" not in bad.stderr
+
+
+def test_why_answers_for_recommended_and_not_recommended(capsys, indexed):
+    catalog_path, interactions_path = indexed
+    common = ["--user", "1", "-k", "3", "--catalog", catalog_path, "--interactions", interactions_path]
+    code, out, err = run(capsys, "recommend", *common, "--json")
+    assert code == 0, err
+    top = json.loads(out)[0]
+    code, out, err = run(capsys, "why", "#1", *common)
+    assert code == 0, err
+    assert top["title"] in out and "#1" in out and "Because you liked" in out
+    code, out, err = run(capsys, "why", "Toy Story", *common)  # in user 1's history: never recommended
+    assert code == 0, err
+    assert "Toy Story" in out and "#1" not in out
+    code, out, err = run(capsys, "why", "#9", *common)
+    assert_one_line_error(code, err, "there is no #9")
+
+
+@pytest.mark.slow
+def test_recommend_with_the_real_default_model_and_trace(capsys, indexed):
+    """The default path: the packaged SmolLM2 ranks the candidates; the trace names model and prompt."""
+    catalog_path, interactions_path = indexed
+    code, out, err = run(capsys, "recommend", "--user", "1", "-k", "5", "--ranker", "llm", "--adapter", "none",
+                         "--explain", "1", "--json", "--trace", "--catalog", catalog_path,
+                         "--interactions", interactions_path)
+    assert code == 0, err
+    result = json.loads(out)
+    trace = result["trace"]
+    candidate_ids = [c["item_id"] for c in trace["candidates"]]
+    recs = result["recommendations"]
+    assert len(recs) == 5 and all(r["item_id"] in candidate_ids for r in recs)
+    assert not {r["item_id"] for r in recs} & {h["item_id"] for h in trace["history"]}
+    assert trace["ranker"]["model"] and trace["ranker"]["prompt_sha256"]
+    assert recs[0]["explanation"]
