@@ -339,6 +339,14 @@ def run_serve(args) -> int:
     return app.main(args.app_args)
 
 
+def add_train(sub) -> None:
+    from recllm import train
+
+    parser = sub.add_parser("train", help="LoRA-tune the LLM ranker on a catalog + interactions (train split)")
+    train.add_arguments(parser)
+    parser.set_defaults(func=train.run)
+
+
 def add_batch(sub) -> None:
     from recllm import batch
 
@@ -386,7 +394,7 @@ def run_demo(args) -> int:
     return 0
 
 
-SUBCOMMANDS = [add_index, add_recommend, add_why, add_items, add_serve, add_batch, add_demo]
+SUBCOMMANDS = [add_index, add_recommend, add_why, add_items, add_serve, add_batch, add_train, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
