@@ -339,6 +339,77 @@ def run_serve(args) -> int:
     return app.main(args.app_args)
 
 
+def add_fit_retriever(sub) -> None:
+    parser = sub.add_parser("fit-retriever", help="fit the collaborative retriever (sequential model + fusion) "
+                            "on the train split; recommend, eval and chat use it from then on")
+    add_catalog_args(parser, interactions=True)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--out", metavar="DIR", help="where to save it (default: <home>/retrievers/<catalog>)")
+    add_output_args(parser)
+    parser.set_defaults(func=run_fit_retriever)
+
+
+def run_fit_retriever(args) -> int:
+    from recllm import seqrec
+
+    session = Session(args)
+    if session.interactions is None:
+        raise InputError("fit-retriever needs --interactions PATH with a custom catalog")
+    session.ensure_index()
+    folder = seqrec.fit_retriever(session.catalog, session.interactions, args.out, seed=args.seed,
+                                  embedder=session.embedder, progress=not args.quiet)
+    print(json.dumps({"retriever": str(folder)}) if args.json else f"fitted retriever saved in {folder}")
+    return 0
+
+
+def add_eval(sub) -> None:
+    from recllm import evaluate
+
+    parser = sub.add_parser("eval", help="evaluate baselines, the retriever and the LLM ranker "
+                            "(LlamaRec protocol: leave-one-out, all items, all users)")
+    add_catalog_args(parser, interactions=True)
+    parser.add_argument("--ranker", choices=("llm", "none"), default="none",
+                        help="llm: also rank the retriever's top 20 with the LLM (slow on a CPU)")
+    parser.add_argument("--model", metavar="ID", help="LLM for --ranker llm (default: packaged SmolLM2)")
+    parser.add_argument("--adapter", metavar="PATH", default="auto", help="adapter for --ranker llm "
+                        "('auto': the shipped default; 'none': the untuned model)")
+    parser.add_argument("--systems", nargs="+", default=list(evaluate.DEFAULT_SYSTEMS),
+                        help=f"systems to evaluate (default: {' '.join(evaluate.DEFAULT_SYSTEMS)})")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds for the fitted retriever")
+    parser.add_argument("--retriever", nargs="+", metavar="DIR",
+                        help="fitted retriever folder(s) fitted on this split (default: fit one per seed)")
+    parser.add_argument("--phase", choices=("test", "valid"), default="test")
+    parser.add_argument("--out", metavar="DIR", help="write report.json, report.md and report.png here")
+    add_output_args(parser)
+    parser.set_defaults(func=run_eval)
+
+
+def run_eval(args) -> int:
+    from recllm import evaluate
+
+    if args.catalog and not args.interactions:
+        raise InputError("eval needs --interactions PATH with a custom catalog")
+    ranker = None
+    name = "llm"
+    if args.ranker == "llm":
+        from recllm import llm
+        from recllm.engine import default_adapter
+        from recllm.rank import LLMRanker
+
+        adapter = default_adapter(args.model) if args.adapter == "auto" else (
+            None if args.adapter == "none" else args.adapter)
+        lm = llm.load_model(args.model, adapter)
+        catalog = Session(args).catalog
+        ranker = evaluate.llm_ranker(LLMRanker(lm), catalog)
+        name = f"llm({lm.model_id}{'+' + lm.adapter_id if lm.adapter_id else ''})"
+    report = evaluate.run_eval(getattr(args, "catalog", None), getattr(args, "interactions", None),
+                               systems=args.systems, ranker=ranker, ranker_name=name, seeds=args.seeds,
+                               retriever=args.retriever, out_dir=args.out, phase=args.phase,
+                               progress=not args.quiet)
+    print(report.to_json() if args.json else report.to_markdown())
+    return 0
+
+
 def add_train(sub) -> None:
     from recllm import train
 
@@ -394,7 +465,7 @@ def run_demo(args) -> int:
     return 0
 
 
-SUBCOMMANDS = [add_index, add_recommend, add_why, add_items, add_serve, add_batch, add_train, add_demo]
+SUBCOMMANDS = [add_index, add_recommend, add_why, add_items, add_serve, add_batch, add_train, add_fit_retriever, add_eval, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

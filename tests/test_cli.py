@@ -215,3 +215,16 @@ def test_recommend_with_the_real_default_model_and_trace(capsys, indexed):
     assert not {r["item_id"] for r in recs} & {h["item_id"] for h in trace["history"]}
     assert trace["ranker"]["model"] and trace["ranker"]["prompt_sha256"]
     assert recs[0]["explanation"]
+
+
+def test_eval_baselines_on_the_bundled_data(capsys, tmp_path):
+    """`recllm eval` on the LlamaRec protocol: the cheap baselines, all 610 users, with report files."""
+    code, out, err = run(capsys, "eval", "--systems", "popularity", "transition", "--json", "-q",
+                         "--out", tmp_path / "report")
+    assert code == 0, err
+    report = json.loads(out)
+    text = json.dumps(report)
+    assert "popularity" in text and "transition" in text and "610" in text
+    assert {p.name for p in (tmp_path / "report").iterdir()} >= {"report.json", "report.md", "report.png"}
+    code, _, err = run(capsys, "eval", "--catalog", tmp_path / "x.csv")
+    assert_one_line_error(code, err, "needs --interactions")
