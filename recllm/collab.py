@@ -19,7 +19,15 @@ log = logging.getLogger(__name__)
 
 
 def fitted_dir(catalog) -> Path:
-    return paths.retrievers_dir() / catalog.name
+    """`<home>/retrievers/<catalog>` when fitted there (`recllm fit-retriever`), else the one shipped for the
+    bundled MovieLens (fitted on its train split, seed 0)."""
+    from recllm.seqrec import FUSION_FILE
+
+    own = paths.retrievers_dir() / catalog.name
+    shipped = paths.PACKAGE_DIR / "data" / "retrievers" / catalog.name
+    if not (own / FUSION_FILE).is_file() and catalog.name == "ml-latest-small" and (shipped / FUSION_FILE).is_file():
+        return shipped
+    return own
 
 
 def _stamp(folder: Path) -> str:

@@ -94,15 +94,16 @@ class LM:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Tokenize with left padding (so every row's last position is its own last token)."""
-        enc = self.tokenizer(list(texts), padding=True, padding_side="left", return_tensors="pt",
+    def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids, right-padded: (ids (B, T), lengths (B,)).
+
+        Right padding needs no attention mask: under causal attention a row's real tokens never see the pads
+        that follow them, and positions stay 0..len-1. Without a mask PyTorch's fused causal attention runs;
+        with one, a 380-token forward of SmolLM2 on 2 CPU cores took 2.3x longer (3.2 s vs 1.4 s).
+        """
+        enc = self.tokenizer(list(texts), padding=True, padding_side="right", return_tensors="pt",
                              add_special_tokens=not self.has_chat_template)
-        mask = enc["attention_mask"]
-        # Left padding shifts positions: give every row positions 0..len-1 over its real tokens.
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": mask.to(self.device),
-                "position_ids": positions.to(self.device)}
+        return enc["input_ids"].to(self.device), enc["attention_mask"].sum(-1)
 
     def token_count(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=not self.has_chat_template)["input_ids"])
@@ -135,7 +136,8 @@ class LM:
         return list(self._letters[key])
 
     def next_token_logits(self, prompts: Sequence[str], batch_size: int = 8) -> torch.Tensor:
-        """Logits of the token after each prompt: (B, vocab) float32 on CPU. Batched with left padding."""
+        """Logits of the token after each prompt: (B, vocab) float32 on CPU, `batch_size` prompts per forward
+        pass (right-padded, see `encode`). Deterministic under inference mode."""
         import torch
 
         if not prompts:
@@ -145,8 +147,11 @@ class LM:
         with torch.inference_mode():
             for start in range(0, len(order), max(1, batch_size)):
                 chunk = order[start:start + batch_size]
-                enc = self.encode([prompts[i] for i in chunk])
-                logits = self.model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1, :]  # (b, V)
+                ids, lengths = self.encode([prompts[i] for i in chunk])  # (b, T), (b,)
+                last = (lengths - 1).to(self.device)
+                keep = torch.unique(last)  # sorted positions whose logits are needed (<= b of them)
+                logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits  # (b, k, V)
+                logits = logits[torch.arange(len(chunk), device=self.device), torch.searchsorted(keep, last)]
                 for row, i in enumerate(chunk):
                     out[i] = logits[row].float().cpu()
         return torch.stack(out)  # (B, V)
@@ -169,13 +174,12 @@ class LM:
         import torch
 
         stop_ids = self._stop_ids()
-        enc = self.encode([prompt])
+        ids, _ = self.encode([prompt])  # one row: no padding
         generated: list[int] = []
         emitted = ""
         with torch.inference_mode():
-            out = self.model(**enc, use_cache=True, logits_to_keep=1)  # (1, 1, V): no logits for the prompt
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)  # (1, 1, V): no prompt logits
             past = out.past_key_values
-            length = int(enc["attention_mask"].sum())
             for _ in range(max_new_tokens):
                 logits = out.logits[0, -1].float()
                 if repetition_penalty != 1.0 and generated:
@@ -196,11 +200,9 @@ class LM:
                     if len(text) > len(emitted):
                         yield text[len(emitted):]
                         emitted = text
-                ids = torch.tensor([[token]], device=self.device)
-                out = self.model(input_ids=ids, past_key_values=past, use_cache=True,
-                                 position_ids=torch.tensor([[length]], device=self.device))
+                out = self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=past,
+                                 use_cache=True)
                 past = out.past_key_values
-                length += 1
 
     def generate(self, prompt: str, max_new_tokens: int = 60, **kwargs: Any) -> str:
         """The whole greedy completion of `prompt` (see `stream`)."""
