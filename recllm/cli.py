@@ -326,17 +326,26 @@ def run_why(args) -> int:
 
 
 def add_serve(sub) -> None:
-    parser = sub.add_parser("serve", help="start the chat app in the browser (Gradio)")
-    parser.add_argument("app_args", nargs=argparse.REMAINDER,
-                        help="options of the app: --host, --port, --catalog, --interactions, --model, --adapter, "
-                             "--chroma-url")
-    parser.set_defaults(func=run_serve)
+    sub.add_parser("serve", help="start the chat app in the browser (Gradio); options: --host, --port, "
+                   "--catalog, --interactions, --model, --adapter, --chroma-url (see `recllm serve --help`)",
+                   add_help=False).set_defaults(func=run_serve)
 
 
 def run_serve(args) -> int:
-    import app
+    try:
+        import app
+    except ModuleNotFoundError:  # an install without the top-level app module: load it from the checkout
+        import importlib.util
 
-    return app.main(args.app_args)
+        from recllm.paths import PROJECT_DIR
+
+        spec = importlib.util.spec_from_file_location("app", PROJECT_DIR / "app.py")
+        if spec is None or not (PROJECT_DIR / "app.py").is_file():
+            raise InputError("the chat app (app.py) is not installed: run it from a recllm checkout") from None
+        app = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(app)
+
+    return app.main(args.extra)
 
 
 def add_fit_retriever(sub) -> None:
@@ -482,7 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "serve":  # only `serve` passes its options on (to app.py)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         return int(args.func(args) or 0)
     except RecllmError as exc:

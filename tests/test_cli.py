@@ -228,3 +228,9 @@ def test_eval_baselines_on_the_bundled_data(capsys, tmp_path):
     assert {p.name for p in (tmp_path / "report").iterdir()} >= {"report.json", "report.md", "report.png"}
     code, _, err = run(capsys, "eval", "--catalog", tmp_path / "x.csv")
     assert_one_line_error(code, err, "needs --interactions")
+
+
+def test_only_serve_passes_unknown_options_on():
+    with pytest.raises(SystemExit) as info:
+        main(["index", "--bogus-option"])
+    assert info.value.code == 2
