@@ -8,7 +8,6 @@ facts. Every recommended item is a catalog candidate: the LLM only scores letter
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -73,10 +72,6 @@ class Result:
         if trace:
             out["trace"] = self.trace
         return out
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class Recommender:
