@@ -17,12 +17,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 import argparse
 import logging
+import re
 import sys
 
 import gradio as gr
 
 from recllm.chat import DEFAULT_EXPLAIN, DEFAULT_K, ChatSession, Reply
 from recllm.errors import RecllmError
+from recllm.memory import Memory
 
 log = logging.getLogger("recllm.app")
 
@@ -44,20 +46,32 @@ def model_line(recommender) -> str:
             f"retriever: `{d.get('retriever', '-')}` · catalog: `{d.get('catalog')}` ({d.get('items')} items)")
 
 
+def inert(text: str) -> str:
+    """`text` shown as Markdown without links, images or HTML: catalog text is untrusted, and a hostile title
+    like `![x](http://tracker/p.png)` or `<img src=...>` must not make the browser fetch anything."""
+    return re.sub(r"([\[\]<>])", r"\\\1", text)
+
+
 def card_markdown(card) -> str:
     year = f" · {card.year}" if card.year else ""
-    genres = ", ".join(card.genres) or "-"
-    reason = f"\n\n{card.reason}" if card.reason else ""
+    genres = inert(", ".join(card.genres) or "-")
+    reason = f"\n\n{inert(card.reason)}" if card.reason else ""
     liked = " · 👍" if card.liked else ""
-    return f"**#{card.rank} {card.name}**{year}{liked}  \n*{genres}*{reason}"
+    return f"**#{card.rank} {inert(card.name)}**{year}{liked}  \n*{genres}*{reason}"
 
 
-def build_app(recommender, *, k: int = DEFAULT_K, explain: int = DEFAULT_EXPLAIN) -> gr.Blocks:
-    """The chat app over `recommender` (an `engine.Recommender`); launch it with `launch()`."""
+def build_app(recommender, *, k: int = DEFAULT_K, explain: int = DEFAULT_EXPLAIN, memory: Memory | None = None,
+              ) -> gr.Blocks:
+    """The chat app over `recommender` (an `engine.Recommender`); launch it with `launch()`.
+
+    `memory`: where sessions started from a user id keep that person's turns and thumbs (None: kept nowhere).
+    """
 
     def session_of(state) -> ChatSession:
         # created on first use, not as the State's default: gr.State deep-copies its default per browser
-        return state if isinstance(state, ChatSession) else ChatSession(recommender, k=k, explain=explain)
+        if isinstance(state, ChatSession):
+            return state
+        return ChatSession(recommender, k=k, explain=explain, memory=memory)
 
     def view(session: ChatSession, reply: Reply | None = None):
         items = reply.items if reply is not None else session.shown
@@ -67,7 +81,7 @@ def build_app(recommender, *, k: int = DEFAULT_K, explain: int = DEFAULT_EXPLAIN
                 cards += [gr.Group(visible=True), card_markdown(items[i])]
             else:
                 cards += [gr.Group(visible=False), ""]
-        return [[dict(m) for m in session.messages], session, model_line(recommender), *cards]
+        return [[{**m, "content": inert(m["content"])} for m in session.messages], session, model_line(recommender), *cards]
 
     def guarded(stream, session):
         """Replies of `stream`; an unexpected failure becomes a message, never a broken page."""
@@ -105,6 +119,7 @@ def build_app(recommender, *, k: int = DEFAULT_K, explain: int = DEFAULT_EXPLAIN
 
         return handler
 
+    max_message = getattr(getattr(recommender, "limits", None), "max_message_chars", 1000)  # engine.Limits
     with gr.Blocks(title="recllm", analytics_enabled=False) as demo:
         state = gr.State(None)
         gr.Markdown("## recllm: movie recommendations you can talk to")
@@ -117,7 +132,7 @@ def build_app(recommender, *, k: int = DEFAULT_K, explain: int = DEFAULT_EXPLAIN
                                                  "“a funny space movie for kids”.")
                 with gr.Row():
                     box = gr.Textbox(show_label=False, placeholder="I loved Heat and Toy Story…", scale=5,
-                                     elem_id="message", autofocus=True, max_length=1000)
+                                     elem_id="message", autofocus=True, max_length=max_message)
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                 with gr.Row():
                     user_box = gr.Textbox(label="MovieLens user id", placeholder="e.g. 42", scale=2,
@@ -182,6 +197,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", help="causal LM id or folder (default: packaged SmolLM2-135M-Instruct)")
     parser.add_argument("--adapter", default="auto", help="LoRA adapter folder, 'auto' (shipped default) or 'none'")
     parser.add_argument("--chroma-url", help="a Chroma server, http://host:port (default: embedded store)")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="keep nothing after a session ends (default: a chat started from a user id keeps "
+                             "that person's messages and thumbs under <home>/memory; `recllm forget` removes them)")
     return parser.parse_args(argv)
 
 
@@ -197,7 +215,8 @@ def main(argv=None) -> int:
     except RecllmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    launch(build_app(recommender), host=args.host, port=args.port, auth=auth_from_env())
+    memory = None if args.no_memory else Memory(recommender.catalog.name)
+    launch(build_app(recommender, memory=memory), host=args.host, port=args.port, auth=auth_from_env())
     return 0
 
 

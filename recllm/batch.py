@@ -36,13 +36,14 @@ from pathlib import Path
 
 from recllm.errors import InputError, RecllmError
 
-# Limits on one row; a row over any of them becomes an error row.
-MAX_LINE_BYTES = 1_000_000  # one input line
+# Limits on one row; a row over any of them becomes an error row. Rows are checked against
+# `engine.Limits.from_env()` (so RECLLM_MAX_ROW_BYTES etc. apply); the engine.Limits defaults are:
+MAX_LINE_BYTES = 1_000_000  # one input line (Limits.max_row_bytes)
+MAX_REF_CHARS = 300  # one history entry, an item id or a title (Limits.max_ref_chars)
+MAX_MESSAGES = 100  # turns in `messages` (Limits.max_messages)
+MAX_TEXT_CHARS = 2000  # one message or the question (Limits.max_query_chars)
 MAX_ID_CHARS = 200  # the row id
-MAX_REF_CHARS = 300  # one history entry (an item id or a title)
 MAX_USER_CHARS = 200  # the user id
-MAX_MESSAGES = 100  # turns in `messages`
-MAX_TEXT_CHARS = 2000  # one message or the question
 DEFAULT_K = 10
 DEFAULT_BATCH_SIZE = 16  # rows per recommend_many call
 FIELDS = ("id", "user", "history", "messages", "question", "k")
@@ -93,11 +94,13 @@ def _text(value, name: str, limit: int) -> str:
     return text
 
 
-def parse_ask(data: dict) -> Ask:
-    """Check one row object and turn it into an `Ask`; `InputError` says what is wrong."""
-    from recllm.engine import Limits
+def parse_ask(data: dict, limits=None) -> Ask:
+    """Check one row object against `limits` (an `engine.Limits`; default `Limits.from_env()`) and turn it into an
+    `Ask`; `InputError` says what is wrong."""
+    if limits is None:
+        from recllm.engine import Limits
 
-    limits = Limits()
+        limits = Limits.from_env()
     unknown = [key for key in data if key not in FIELDS]
     if unknown:
         raise InputError(f"unknown field {', '.join(map(repr, unknown))} (fields: {', '.join(FIELDS)})")
@@ -110,9 +113,9 @@ def parse_ask(data: dict) -> Ask:
             raise InputError(f"history must be a list of item ids or titles, got {type(history).__name__}")
         if len(history) > limits.max_history:
             raise InputError(f"history has {len(history)} items; the limit is {limits.max_history}")
-        ask.history = [_text(ref, f"history[{i}]", MAX_REF_CHARS) for i, ref in enumerate(history)]
+        ask.history = [_text(ref, f"history[{i}]", limits.max_ref_chars) for i, ref in enumerate(history)]
     if "messages" in data and data["messages"] is not None:
-        ask.messages = _messages(data["messages"])
+        ask.messages = _messages(data["messages"], limits)
     if ask.user is None and not ask.history and ask.messages is None:
         if isinstance(data.get("history"), list):
             raise InputError("history is empty and the row has no user or messages")
@@ -127,16 +130,16 @@ def parse_ask(data: dict) -> Ask:
             raise InputError(f"k must be between 1 and {limits.max_k}, got {k}")
         ask.k = k
     if data.get("question") is not None:
-        ask.question = _text(data["question"], "question", MAX_TEXT_CHARS)
+        ask.question = _text(data["question"], "question", limits.max_query_chars)
     return ask
 
 
-def _messages(messages) -> list[dict]:
+def _messages(messages, limits) -> list[dict]:
     """A checked conversation: [{"role": "user"|"assistant"|"system", "content": str}], with a user turn."""
     if not isinstance(messages, list):
         raise InputError(f"messages must be a list of {{role, content}} objects, got {type(messages).__name__}")
-    if len(messages) > MAX_MESSAGES:
-        raise InputError(f"messages has {len(messages)} turns; the limit is {MAX_MESSAGES}")
+    if len(messages) > limits.max_messages:
+        raise InputError(f"messages has {len(messages)} turns; the limit is {limits.max_messages}")
     checked = []
     for i, turn in enumerate(messages):
         if not isinstance(turn, dict) or "content" not in turn:
@@ -144,16 +147,17 @@ def _messages(messages) -> list[dict]:
         role = turn.get("role", "user")
         if role not in ROLES:
             raise InputError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {json.dumps(role)}")
-        checked.append({"role": role, "content": _text(turn["content"], f"messages[{i}].content", MAX_TEXT_CHARS)})
+        content = _text(turn["content"], f"messages[{i}].content", limits.max_query_chars)
+        checked.append({"role": role, "content": content})
     if not any(turn["role"] == "user" for turn in checked):
         raise InputError("messages has no user turn")
     return checked
 
 
-def _decode(raw: bytes | str, line: int) -> object:
-    """The JSON value of one line, or an error string."""
-    if len(raw) > MAX_LINE_BYTES:
-        return _Bad(f"line {line}: {len(raw)} bytes long; the limit is {MAX_LINE_BYTES}")
+def _decode(raw: bytes | str, line: int, limit: int = MAX_LINE_BYTES) -> object:
+    """The JSON value of one line, or an error string (`limit`: bytes of a line)."""
+    if len(raw) > limit:
+        return _Bad(f"line {line}: {len(raw)} bytes long; the limit is {limit}")
     try:
         return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
     except UnicodeDecodeError:
@@ -167,7 +171,7 @@ class _Bad:
     message: str
 
 
-def _row(index: int, line: int, data: object, seen: dict[str, int]) -> Row:
+def _row(index: int, line: int, data: object, seen: dict[str, int], limits=None) -> Row:
     """One decoded input object → a Row (an error row when the object alone shows a problem)."""
     if isinstance(data, _Bad):
         return Row(index, line, None, error=data.message)
@@ -185,13 +189,16 @@ def _row(index: int, line: int, data: object, seen: dict[str, int]) -> Row:
         return Row(index, line, row_id, error=f"line {line}: duplicate id {row_id!r} (first on line {seen[row_id]})")
     seen[row_id] = line
     try:
-        return Row(index, line, row_id, ask=parse_ask(data))
+        return Row(index, line, row_id, ask=parse_ask(data, limits))
     except InputError as exc:
         return Row(index, line, row_id, error=str(exc))
 
 
 def parse_lines(lines: Iterable[bytes | str]) -> list[Row]:
     """Rows from JSONL lines (blank lines skipped, line numbers kept)."""
+    from recllm.engine import Limits
+
+    limits = Limits.from_env()
     rows: list[Row] = []
     seen: dict[str, int] = {}
     for number, raw in enumerate(lines, 1):
@@ -203,7 +210,7 @@ def parse_lines(lines: Iterable[bytes | str]) -> list[Row]:
             raw = raw.rstrip("\r\n")
         if not raw.strip():
             continue
-        rows.append(_row(len(rows), number, _decode(raw, number), seen))
+        rows.append(_row(len(rows), number, _decode(raw, number, limits.max_row_bytes), seen, limits))
     return rows
 
 
@@ -219,8 +226,11 @@ def read_rows(path: str | Path) -> list[Row]:
 
 def rows_from_dicts(objects: Iterable[dict]) -> list[Row]:
     """Rows from Python dicts (the notebook path); the same checks as a file, `line` counts from 1."""
+    from recllm.engine import Limits
+
+    limits = Limits.from_env()
     seen: dict[str, int] = {}
-    return [_row(i, i + 1, obj, seen) for i, obj in enumerate(objects)]
+    return [_row(i, i + 1, obj, seen, limits) for i, obj in enumerate(objects)]
 
 
 # ------------------------------------------------------------------ serving rows

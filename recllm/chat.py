@@ -23,6 +23,7 @@ short reply; a message nothing can be made of gets a clarifying reply.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import weakref
@@ -33,10 +34,13 @@ from typing import Iterator
 
 from recllm import paths
 from recllm.catalog import Catalog, clean_text, normalize_title
-from recllm.errors import RecllmError, UnknownUser
+from recllm.errors import InputError, RecllmError, UnknownUser
+from recllm.memory import Memory
 from recllm.prompts import Prompt, join_and
 
-MAX_MESSAGE = 1000  # characters of a message that are read; the rest is ignored
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 1000  # characters of a message (default of engine.Limits.max_message_chars); longer: an error reply
 DEFAULT_K = 5  # items shown per turn
 DEFAULT_EXPLAIN = 3  # items of a turn that get a streamed reason
 MAX_TITLE_TOKENS = 12  # longest span (in words) the title spotter tries
@@ -562,8 +566,9 @@ class Parsed:
 class MessageParser:
     """Rules that turn a message into a `Parsed` for one catalog. Holds no conversation state."""
 
-    def __init__(self, catalog: Catalog, spotter: TitleSpotter | None = None):
+    def __init__(self, catalog: Catalog, spotter: TitleSpotter | None = None, max_chars: int = MAX_MESSAGE):
         self.catalog = catalog
+        self.max_chars = max_chars  # characters of a message that are read; the rest is ignored
         self.spotter = spotter or title_spotter(catalog)
         names = sorted({g for item in catalog for g in item.genres})
         self.genres = names
@@ -601,7 +606,7 @@ class MessageParser:
 
     def parse(self, message: str, *, shown: list[str] = ()) -> Parsed:
         """Read one message. `shown`: item ids on the list now (for titles named in a why/reject)."""
-        text = clean_text(message, MAX_MESSAGE)
+        text = clean_text(message, self.max_chars)
         parsed = Parsed(text=text)
         if not text.strip(" .!?"):
             parsed.intent = "none"
@@ -1006,11 +1011,15 @@ class ChatSession:
 
     `k`: items shown per turn. `explain`: how many of them get a streamed reason. `intent_model`: an
     object with `encode(texts, progress=False)` for the embedding fallback; "auto" takes the recommender's
-    embedder (or the packaged default), None turns the fallback off.
+    embedder (or the packaged default), None turns the fallback off. `memory`: a `recllm.memory.Memory`;
+    a session started from a user id then keeps that person's messages and thumbs there and starts with
+    their earlier thumbs.
     """
 
-    def __init__(self, recommender, *, k: int = DEFAULT_K, explain: int = DEFAULT_EXPLAIN, intent_model="auto"):
+    def __init__(self, recommender, *, k: int = DEFAULT_K, explain: int = DEFAULT_EXPLAIN, intent_model="auto",
+                 memory: Memory | None = None):
         self.recommender = recommender
+        self.memory = memory  # records a chosen user's turns and thumbs (None: nothing is kept after the session)
         self.catalog: Catalog = recommender.catalog
         self.k = k
         self.explain = explain
@@ -1018,7 +1027,8 @@ class ChatSession:
         interactions = getattr(recommender, "interactions", None)
         popularity = getattr(self.catalog, "popularity", None) or (
             interactions.popularity() if interactions is not None and hasattr(interactions, "popularity") else {})
-        self.parser = MessageParser(self.catalog, title_spotter(self.catalog, popularity))
+        self.max_message = getattr(getattr(recommender, "limits", None), "max_message_chars", MAX_MESSAGE)
+        self.parser = MessageParser(self.catalog, title_spotter(self.catalog, popularity), self.max_message)
         self._lock = threading.RLock()
         self.messages: list[dict] = []  # the transcript: {"role": "user"|"assistant", "content": str}
         self._clear()
@@ -1061,10 +1071,14 @@ class ChatSession:
     def respond_stream(self, message: str) -> Iterator[Reply]:
         """Answer one message, yielding growing `Reply`s; the last one has `done=True`."""
         with self._lock:
-            text = clean_text(message, MAX_MESSAGE)
+            text = clean_text(message, self.max_message)
             self.messages.append({"role": "user", "content": text})
+            self._remember({"kind": "message", "role": "user", "content": text})
             self.turns += 1
             try:
+                length = len(clean_text(message, None))
+                if length > self.max_message:
+                    raise InputError(f"your message is {length} characters long; the limit is {self.max_message}")
                 plan = self._plan(text)
             except RecllmError as exc:
                 plan = _Plan(reply=Reply(templates().render("error", message=str(exc)), self.shown, "error"))
@@ -1106,6 +1120,7 @@ class ChatSession:
                 _move(item_id, self.disliked, self.liked)
                 self._drop_shown([item_id])
                 text = templates().render("feedback_down", title=item.label)
+            self._remember({"kind": "feedback", "item_id": item_id, "up": bool(up)})
             return self._say(Reply(text, list(self.shown), "feedback"))
 
     def profile(self) -> dict:
@@ -1288,7 +1303,14 @@ class ChatSession:
         self._clear()
         self.user = str(user_id)
         recent = join_and([self.catalog.items[i].label for i in history[-3:][::-1] if i in self.catalog.items])
-        return None, [t.render("user_started", user=self.user, n=len(history), recent=recent)]
+        acks = [t.render("user_started", user=self.user, n=len(history), recent=recent)]
+        if self.memory is not None:
+            liked, disliked = self.memory.feedback(self.user)
+            self.liked = [i for i in liked if i in self.catalog.items]
+            self.disliked = [i for i in disliked if i in self.catalog.items]
+            if self.liked or self.disliked:
+                acks.append(t.render("memory_restored", liked=len(self.liked), disliked=len(self.disliked)))
+        return None, acks
 
     def _drop_shown(self, item_ids) -> None:
         drop = set(item_ids)
@@ -1411,6 +1433,7 @@ class ChatSession:
             card.reason = (final or card.reason).strip()
         reply = Reply(_render_list(head, cards), list(cards), "recommend", done=True)
         message["content"] = reply.text
+        self._remember({"kind": "message", "role": "assistant", "content": reply.text})
         yield reply
 
     def _intro(self, n: int, filters: str) -> str:
@@ -1437,7 +1460,16 @@ class ChatSession:
         with self._lock:
             self.messages.append({"role": "assistant", "content": reply.text})
             del self.messages[:-KEEP_MESSAGES]
+            self._remember({"kind": "message", "role": "assistant", "content": reply.text})
         return reply
+
+    def _remember(self, record: dict) -> None:
+        """Keep `record` in the chosen user's memory (nothing for an anonymous session or without memory)."""
+        if self.memory is not None and self.user:
+            try:
+                self.memory.add(self.user, record)
+            except OSError as exc:  # a full or read-only disk must not break the conversation
+                log.warning("could not record the chat of user %s: %s", self.user, exc)
 
 
 def _render_list(head: str, cards: list[Card]) -> str:

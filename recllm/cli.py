@@ -380,8 +380,9 @@ def add_eval(sub) -> None:
     parser.add_argument("--ranker", choices=("llm", "none"), default="none",
                         help="llm: also rank the retriever's top 20 with the LLM (slow on a CPU)")
     parser.add_argument("--model", metavar="ID", help="LLM for --ranker llm (default: packaged SmolLM2)")
-    parser.add_argument("--adapter", metavar="PATH", default="auto", help="adapter for --ranker llm "
-                        "('auto': the shipped default; 'none': the untuned model)")
+    parser.add_argument("--adapter", metavar="PATH", nargs="+", default=["auto"],
+                        help="adapter(s) for --ranker llm, one LLM system each ('auto': the shipped default; "
+                             "'none': the untuned model), e.g. --adapter none auto")
     parser.add_argument("--systems", nargs="+", default=list(evaluate.DEFAULT_SYSTEMS),
                         help=f"systems to evaluate (default: {' '.join(evaluate.DEFAULT_SYSTEMS)})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds for the fitted retriever")
@@ -398,21 +399,20 @@ def run_eval(args) -> int:
 
     if args.catalog and not args.interactions:
         raise InputError("eval needs --interactions PATH with a custom catalog")
-    ranker = None
-    name = "llm"
+    rankers = {}
     if args.ranker == "llm":
         from recllm import llm
         from recllm.engine import default_adapter
         from recllm.rank import LLMRanker
 
-        adapter = default_adapter(args.model) if args.adapter == "auto" else (
-            None if args.adapter == "none" else args.adapter)
-        lm = llm.load_model(args.model, adapter)
         catalog = Session(args).catalog
-        ranker = evaluate.llm_ranker(LLMRanker(lm), catalog)
-        name = f"llm({lm.model_id}{'+' + lm.adapter_id if lm.adapter_id else ''})"
+        for choice in dict.fromkeys(args.adapter):
+            adapter = default_adapter(args.model) if choice == "auto" else (None if choice == "none" else choice)
+            lm = llm.load_model(args.model, adapter)
+            name = f"llm({lm.model_id}{'+' + lm.adapter_id if lm.adapter_id else ''})"
+            rankers[name] = evaluate.llm_ranker(LLMRanker(lm), catalog)
     report = evaluate.run_eval(getattr(args, "catalog", None), getattr(args, "interactions", None),
-                               systems=args.systems, ranker=ranker, ranker_name=name, seeds=args.seeds,
+                               systems=args.systems, ranker=rankers or None, seeds=args.seeds,
                                retriever=args.retriever, out_dir=args.out, phase=args.phase,
                                progress=not args.quiet)
     print(report.to_json() if args.json else report.to_markdown())
@@ -474,7 +474,27 @@ def run_demo(args) -> int:
     return 0
 
 
-SUBCOMMANDS = [add_index, add_recommend, add_why, add_items, add_serve, add_batch, add_train, add_fit_retriever, add_eval, add_demo]
+def add_forget(sub) -> None:
+    parser = sub.add_parser("forget", help="delete everything the chat app recorded about a person "
+                                           "(messages, replies, thumbs) under every catalog")
+    parser.add_argument("--user", required=True, help="the user id the chat was started from")
+    parser.set_defaults(func=run_forget)
+
+
+def run_forget(args) -> int:
+    from recllm import memory
+
+    removed = memory.forget(args.user)
+    where = memory.root()
+    if removed:
+        print(f"Forgot user {args.user}: removed {len(removed)} file(s) under {where}")
+    else:
+        print(f"Nothing recorded about user {args.user} under {where}")
+    return 0
+
+
+SUBCOMMANDS = [add_index, add_recommend, add_why, add_items, add_serve, add_batch, add_train, add_fit_retriever,
+               add_eval, add_demo, add_forget]
 
 
 def build_parser() -> argparse.ArgumentParser:

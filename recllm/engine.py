@@ -11,17 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from recllm import paths
 from recllm.catalog import Catalog, Interactions, load_catalog, load_interactions
-from recllm.errors import EmptyHistory, InputError, RecllmError
+from recllm.errors import EmptyHistory, InputError, RecllmError, RequestTimeout
 from recllm.retrieve import Candidate, Filters
 
 log = logging.getLogger(__name__)
@@ -29,12 +30,44 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Limits:
-    """Request limits (documented in the README; InputError with a clear message when exceeded)."""
+    """Request limits, all in one place (documented in the README). Exceeding one gives an `InputError` with a
+    one-line message (a request past `timeout_s`: `RequestTimeout`). `Limits.from_env()` reads overrides from
+    environment variables named `RECLLM_` + the field name in capitals (`RECLLM_TIMEOUT_S=30`, `RECLLM_MAX_K=20`);
+    the engine uses it when no `limits` are given, and batch files are checked with it."""
 
     max_k: int = 50  # recommendations per request
     max_history: int = 500  # history references per request
-    max_query_chars: int = 2000  # characters of free text per request
+    max_query_chars: int = 2000  # characters of free text per request (and of a batch message or question)
+    max_message_chars: int = 1000  # characters of one chat message
+    max_messages: int = 100  # turns in a batch row's `messages`
+    max_ref_chars: int = 300  # characters of one history reference in a batch row
+    max_row_bytes: int = 1_000_000  # bytes of one batch input line
     candidates: int = 20  # candidates the LLM ranks (letters (A)..(T))
+    timeout_s: float = 60.0  # seconds one recommend or explain call may take (a call for n requests: n times this)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise InputError(f"limit {f.name} must be a number above 0, not {value!r}")
+        if self.candidates > 20:
+            raise InputError(f"limit candidates must be at most 20 (letters (A)..(T)), not {self.candidates}")
+
+    @classmethod
+    def from_env(cls, environ=None) -> Limits:
+        """The defaults, with each `RECLLM_<FIELD>` environment variable that is set taking precedence."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            name = f"RECLLM_{f.name.upper()}"
+            raw = (environ.get(name) or "").strip()
+            if raw:
+                try:
+                    values[f.name] = type(f.default)(raw)
+                except ValueError:
+                    kind = "a whole number" if isinstance(f.default, int) else "a number"
+                    raise InputError(f"{name} must be {kind}, not {raw!r}") from None
+        return cls(**values)
 
 
 @dataclass
@@ -93,7 +126,7 @@ class Recommender:
             interactions = load_interactions()
         self.interactions = (interactions if isinstance(interactions, Interactions) or interactions is None
                              else load_interactions(interactions))
-        self.limits = limits or Limits()
+        self.limits = limits or Limits.from_env()
         self.ranker_kind = ranker
         self.explain_n = explain
         self.progress = progress
@@ -220,8 +253,13 @@ class Recommender:
         return result
 
     def recommend_many(self, requests: list[Request]) -> list[Result | RecllmError]:
-        """Many requests; LLM scoring is batched across them. A bad request yields its error, not an exception."""
+        """Many requests; LLM scoring is batched across them. A bad request yields its error, not an exception.
+
+        The call may take `limits.timeout_s` per request: ranking stops between model batches after that
+        (`RequestTimeout` for the requests not ranked yet) and explanations stop between tokens (the plain
+        fallback sentence is used)."""
         started = time.perf_counter()
+        deadline = time.monotonic() + self.limits.timeout_s * max(1, len(requests))
         prepared: list = []
         for request in requests:
             try:
@@ -237,10 +275,14 @@ class Recommender:
         ranked: dict[int, list] = {}
         t0 = time.perf_counter()
         if to_rank:
-            ranks = self.ranker.rank_many([
-                ([self.catalog.get(h).label for h in prepared[i][1]], prepared[i][3][: self.limits.candidates])
-                for i in to_rank])
-            ranked = dict(zip(to_rank, ranks))
+            try:
+                ranks = self.ranker.rank_many([
+                    ([self.catalog.get(h).label for h in prepared[i][1]], prepared[i][3][: self.limits.candidates])
+                    for i in to_rank], deadline=deadline)
+                ranked = dict(zip(to_rank, ranks))
+            except RequestTimeout:
+                for i in to_rank:
+                    prepared[i] = self._timed_out()
         rank_seconds = (time.perf_counter() - t0) / max(1, len(to_rank))
         results: list[Result | RecllmError] = []
         for i, p in enumerate(prepared):
@@ -248,14 +290,18 @@ class Recommender:
                 results.append(p)
                 continue
             try:
-                results.append(self._result(*p, ranked.get(i), rank_seconds))
+                results.append(self._result(*p, ranked.get(i), rank_seconds, deadline))
             except RecllmError as exc:
                 results.append(exc)
         log.debug("recommend_many: %d requests in %.2fs", len(requests), time.perf_counter() - started)
         return results
 
+    def _timed_out(self) -> RequestTimeout:
+        return RequestTimeout(f"the request ran past its time limit ({self.limits.timeout_s:g} s) and was stopped; "
+                              "try again, ask for fewer items, or raise RECLLM_TIMEOUT_S")
+
     def _result(self, request: Request, history: list[str], unknown: list[str], candidates: list[Candidate],
-                retrieve_seconds: float, ranked, rank_seconds: float) -> Result:
+                retrieve_seconds: float, ranked, rank_seconds: float, deadline: float | None = None) -> Result:
         from recllm.rank import Ranked, ranking_trace
 
         if ranked is None:  # retriever order (ranker none, or nothing to condition the LLM on)
@@ -285,7 +331,7 @@ class Recommender:
         n = self.explain_n if request.explain is None else request.explain
         t0 = time.perf_counter()
         for rank in range(1, min(n, len(recs)) + 1):
-            for _ in self.explain_stream(result, rank):
+            for _ in self.explain_stream(result, rank, deadline=deadline):
                 pass
         trace["timings"]["explain_s"] = round(time.perf_counter() - t0, 4)
         return result
@@ -302,16 +348,21 @@ class Recommender:
             return evidence(self.catalog.get(item_id), items, hist_vecs, vectors[item_id])
         return evidence(self.catalog.get(item_id), items, None, None)
 
-    def explain_stream(self, result: Result, rank: int) -> Iterator[str]:
+    def explain_stream(self, result: Result, rank: int, deadline: float | None = None) -> Iterator[str]:
         """Stream the explanation of the recommendation at `rank` (1-based) piece by piece; when done, the
-        validated text is stored in the result and its trace (a rejected draft is replaced by the fallback)."""
+        validated text is stored in the result and its trace (a rejected draft is replaced by the fallback).
+        Generation stops between tokens at `deadline` (`time.monotonic()`; default: `limits.timeout_s` from
+        now) and the fallback is used."""
         from recllm.explain import Explanation
+
+        if deadline is None:
+            deadline = time.monotonic() + self.limits.timeout_s
 
         rec = result.recommendations[rank - 1]
         history = [h["item_id"] for h in result.trace["history"]]
         ev = self.evidence(rec.item_id, history)
         final = None
-        for piece in self.explainer.stream(self.catalog.get(rec.item_id), ev):
+        for piece in self.explainer.stream(self.catalog.get(rec.item_id), ev, deadline=deadline):
             if isinstance(piece, Explanation):
                 final = piece
             else:

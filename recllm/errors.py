@@ -39,3 +39,7 @@ class PromptError(RecllmError):
 
 class InputError(RecllmError):
     """A request is malformed or exceeds a documented limit."""
+
+
+class RequestTimeout(InputError):
+    """A request ran past its time limit (`engine.Limits.timeout_s`) and was stopped."""

@@ -564,7 +564,8 @@ def run_eval(
     systems: any of popularity, transition, content, seq (the sequential encoder alone), retriever
       (the fused collaborative retriever).
     ranker: a `Ranker` (see above; `llm_ranker(LLMRanker, catalog)` adapts the LLM ranker) run on the
-      retriever's top 20; adds the system `retriever+<ranker_name>`.
+      retriever's top 20; adds the system `retriever+<ranker_name>`. A dict {name: Ranker} adds one system
+      per entry (e.g. the untuned model and the tuned adapter side by side in one report).
     retriever: a fitted retriever folder (or loaded `seqrec.CollaborativeRetriever`), or a list of them
       (one per seed), to evaluate; each must have been fitted on this data's train split. None fits one
       per seed (`seeds`), saved under `out_dir/retriever-seed<N>` when `out_dir` is given.
@@ -656,14 +657,16 @@ def run_eval(
             results[name] = system_result([r.ranks for r in rk], retrieved=[r.ranks <= N_CANDIDATES for r in rk],
                                           seeds=list(seeds))
     timings["score"] = round(time.monotonic() - t, 1)
-    if ranker is not None:
+    rankers = ranker if isinstance(ranker, dict) else ({ranker_name: ranker} if ranker is not None else {})
+    for name, one_ranker in rankers.items():
         t = time.monotonic()
         base = per_seed["retriever"]
-        reranked = [rerank(r, data, ranker, phase, scorer=f.scores_idx, progress=progress) for r, f in zip(base, fitted)]
-        results[f"retriever+{ranker_name}"] = system_result(
+        reranked = [rerank(r, data, one_ranker, phase, scorer=f.scores_idx, progress=progress)
+                    for r, f in zip(base, fitted)]
+        results[f"retriever+{name}"] = system_result(
             reranked, retrieved=[r.ranks <= N_CANDIDATES for r in base], seeds=list(seeds)
         )
-        timings["rank"] = round(time.monotonic() - t, 1)
+        timings[f"rank {name}" if len(rankers) > 1 else "rank"] = round(time.monotonic() - t, 1)
     timings["total"] = round(time.monotonic() - t0, 1)
     report = Report(
         data={"name": data.name, **data.stats},

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 import unicodedata
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from recllm.prompts import join_and, load_prompt, sanitize
+from recllm.prompts import has_role_tag, join_and, load_prompt, sanitize
 
 if TYPE_CHECKING:  # pragma: no cover
     from recllm.catalog import Item
@@ -55,6 +56,7 @@ class ExplainConfig:
     max_chars: int = 280  # longer text is rejected
     max_sentences: int = 2  # text is cut after this many sentences
     title_chars: int = 60  # titles inserted into the prompt are cut to this
+    shared_chars: int = 40  # each genre/tag inserted into the prompt is cut to this
     repetition_penalty: float = 1.2  # greedy decoding of small models loops without it
 
 
@@ -321,7 +323,7 @@ class Explainer:
         values = {
             "item": sanitize(item.title, chars),
             "liked": join_and([sanitize(t, chars) for t in evidence.titles]) or "-",
-            "shared": ", ".join(sanitize(s, 40) for s in evidence.shared) or "-",
+            "shared": ", ".join(sanitize(s, self.config.shared_chars) for s in evidence.shared) or "-",
         }
         return self.prompt.messages(**values)
 
@@ -329,11 +331,12 @@ class Explainer:
         """The exact text the model continues."""
         return self.lm.chat_text(self.messages(item, evidence))
 
-    def stream(self, item: Item, evidence: Evidence) -> Iterator[str | Explanation]:
+    def stream(self, item: Item, evidence: Evidence, deadline: float | None = None) -> Iterator[str | Explanation]:
         """Yield text pieces as they come, then one final `Explanation`.
 
         The template's answer prefix (e.g. "You may enjoy X because") comes first, then the model's tokens.
         When the final explanation is a fallback, the streamed pieces were rejected: show `.text` instead.
+        Past `deadline` (a `time.monotonic()` value) generation stops between tokens and the fallback is used.
         """
         meta = self.describe()
         if self.lm is None:
@@ -345,17 +348,30 @@ class Explainer:
         pieces = [prefix] if prefix else []
         if prefix:
             yield prefix
-        for piece in self.lm.stream(self.lm.chat_text(messages), cfg.max_new_tokens,
-                                    stop=("\n",), repetition_penalty=cfg.repetition_penalty):
-            pieces.append(piece)
-            yield piece
+        late = deadline is not None and time.monotonic() > deadline
+        if not late:
+            generated = self.lm.stream(self.lm.chat_text(messages), cfg.max_new_tokens,
+                                       stop=("\n",), repetition_penalty=cfg.repetition_penalty)
+            for piece in generated:
+                pieces.append(piece)
+                yield piece
+                if deadline is not None and time.monotonic() > deadline:
+                    late = True
+                    break
+            getattr(generated, "close", lambda: None)()  # no more tokens are computed
         draft = "".join(pieces)
+        if late:
+            yield Explanation(fallback_text(evidence), "fallback", evidence, rejected="stopped: past the time limit",
+                              draft=draft, meta=meta)
+            return
         text, complete = tidy(draft, cfg.max_sentences)
         if not complete and text and not self._hit_token_limit(draft[len(prefix):]):
             text, complete = text.rstrip(",;:- ") + ".", True  # the model stopped without a full stop
         allowed = [item.title, item.label, *evidence.titles, *evidence.shared]  # genres may be titles too
         problem = validate(text, allowed=allowed, matcher=self.matcher, max_chars=cfg.max_chars, complete=complete,
                            not_liked=[item.title])
+        if problem is None and has_role_tag(draft):
+            problem = "contains a chat role tag"  # e.g. echoed from an injected catalog title
         if problem is None:
             yield Explanation(text, "llm", evidence, meta=meta)
         else:

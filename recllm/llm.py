@@ -19,10 +19,12 @@ import copy
 import importlib.util
 import json
 import logging
+import math
 import os
+import re
 import shutil
-import tempfile
 import threading
+import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -45,6 +47,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 LABEL_SCHEMES = ("letters",)  # "letters": candidates lettered (A)..(T), score = next-token logit of the letter
 LETTERS = "ABCDEFGHIJKLMNOPQRST"  # at most 20 candidates per prompt
 SOURCE_FILE = "recllm_source.json"  # written into a converted-model cache folder: what it was built from
+DAMAGED = "the folder is incomplete or damaged: copy it again or retrain it with `recllm train`"
 
 _LOCK = threading.RLock()
 _MODELS: dict[tuple, LM] = {}  # load_model cache: (model key, adapter key, allow_mismatch) -> LM
@@ -237,7 +240,8 @@ def _atomic_dir(target: Path, build, marker: str = SOURCE_FILE) -> Path:
     """Run `build(tmp_dir)` and rename the result to `target` (another process may win: then keep theirs,
     recognised by its `marker` file)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()  # not mkdtemp (0700): the folder gets the usual permissions
     try:
         build(tmp)
         try:
@@ -451,7 +455,9 @@ def read_adapter_metadata(folder: str | Path) -> dict:
     except FileNotFoundError:
         raise AdapterError(f"Adapter {Path(folder).name} has no {ADAPTER_METADATA}: retrain it with recllm train") from None
     except (OSError, ValueError) as exc:
-        raise AdapterError(f"Adapter metadata {path} is unreadable: {exc}") from None
+        raise AdapterError(f"Adapter metadata {path} is unreadable ({exc}): {DAMAGED}") from None
+    if not isinstance(meta, dict):
+        raise AdapterError(f"Adapter metadata {path} is not a JSON object: {DAMAGED}")
     problems = [k for k in ("base_model", "prompt", "label_scheme", "max_candidates") if k not in meta]
     prompt = meta.get("prompt")
     if not isinstance(prompt, dict) or not {"name", "sha256"} <= set(prompt):
@@ -504,7 +510,7 @@ def apply_adapter(lm: LM, adapter: str | Path, *, allow_mismatch: bool = False, 
             merged = PeftModel.from_pretrained(base, str(folder), is_trainable=False).merge_and_unload()
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt files, shape mismatches
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise AdapterError(f"Cannot load adapter {folder.name}: {first} (is the folder complete?)") from exc
+        raise AdapterError(f"Cannot load adapter {folder.name} ({first}): {DAMAGED}") from exc
     return LM(merged, lm.tokenizer, lm.model_id, adapter_id=folder.name, adapter_metadata=meta)
 
 
@@ -535,6 +541,12 @@ def save_adapter(lm: LM, folder: str | Path, **metadata: Any) -> Path:
 
     def build(tmp: Path) -> None:
         lm.model.save_pretrained(str(tmp), safe_serialization=True)
+        # PEFT records the base as the local folder it was loaded from; a shipped adapter names the model id
+        config_path = tmp / "adapter_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = str(metadata["base_model"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
         write_adapter_metadata(tmp, **metadata)
 
     if folder.exists():
@@ -568,12 +580,56 @@ def tiny_lm(seed: int = 0, *, hidden_size: int = 32, layers: int = 2) -> LM:
 
 
 # -- LoRA training with transformers' Trainer (used by recllm.train) -------------------------------------------
+CHECKPOINT_STATE = "trainer_state.json"  # written last into a Trainer checkpoint folder
+
+
+def checkpoint_complete(folder: str | Path) -> bool:
+    """True when a Trainer checkpoint folder has everything resuming reads, whole: trainer_state.json parses,
+    the adapter weights load, optimizer and scheduler states are intact zip archives (checked without
+    unpickling them)."""
+    import zipfile
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        json.loads((folder / CHECKPOINT_STATE).read_text(encoding="utf-8"))
+        load_file(str(folder / ADAPTER_WEIGHTS))
+        for name in ("optimizer.pt", "scheduler.pt"):
+            with zipfile.ZipFile(folder / name) as archive:
+                if archive.testzip() is not None:
+                    return False
+    except Exception:  # noqa: BLE001 - missing, truncated or damaged files
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest `checkpoint-<step>` under `output_dir` that is complete (`checkpoint_complete`), or None.
+
+    Newer incomplete ones (a run killed while saving, a truncated copy) are removed, so that resuming never
+    reads them and the Trainer never mixes them with new files of the same step.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
+             if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    for _, folder in sorted(found, reverse=True):
+        if checkpoint_complete(folder):
+            return str(folder)
+        log.warning("Removing incomplete checkpoint %s", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
 def train_letter_lora(lm: LM, examples: Sequence[tuple[str, int, int]], *, letter_ids: Sequence[int],
                       output_dir: str | Path, evaluate: Any = None, r: int = 8, alpha: int = 16,
                       dropout: float = 0.05, target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
                       layers: int | None = None, batch_size: int = 4, lr: float = 1e-3, epochs: float = 1.0,
                       max_steps: int = -1, warmup_steps: int = 0, eval_steps: int = 25, save_steps: int = 25,
-                      logging_steps: int = 5, seed: int = 0, resume: bool = False, progress: bool = True,
+                      logging_steps: int = 5, seed: int = 0, resume: bool = False, finish: bool = False,
+                      progress: bool = True,
                       threads: int | None = None) -> tuple[LM, dict]:
     """LoRA-tune `lm` as a verbalizer ranker with transformers' Trainer; returns (trained LM, run info).
 
@@ -584,17 +640,19 @@ def train_letter_lora(lm: LM, examples: Sequence[tuple[str, int, int]], *, lette
     layers: LoRA on the top `layers` decoder layers only (None: all): back-propagation then stops there,
       which roughly halves a CPU step.
     Checkpoints (adapter + optimizer + RNG state) go to `output_dir/checkpoint-<step>` every `save_steps`;
-    `resume=True` continues from the newest one (AdapterError when there is none).
+    `resume=True` continues from the newest complete one (`last_complete_checkpoint`; AdapterError when
+    there is none); `finish=True` (implies resume) trains no further and returns the weights of the best
+    evaluated step so far (or of the newest checkpoint without evaluation): stopping a long run early.
     """
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
 
     if threads:
         torch.set_num_threads(int(threads))
     output_dir = Path(output_dir)
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    resume = resume or finish
+    last = last_complete_checkpoint(output_dir) if resume else None
     if resume and last is None:
         raise AdapterError(f"Nothing to resume: no checkpoint under {output_dir}")
     n_layers = int(getattr(lm.model.config, "num_hidden_layers", 0) or 0)
@@ -621,12 +679,13 @@ def train_letter_lora(lm: LM, examples: Sequence[tuple[str, int, int]], *, lette
             return {"prompt": prompt, "labels": int(target), "n": int(n)}
 
     def collate(batch: list[dict]) -> dict:
-        enc = tokenizer([b["prompt"] for b in batch], padding=True, padding_side="left", return_tensors="pt",
+        # Right-padded with no attention mask, exactly as the ranker scores (`LM.encode`): the answer slot of a
+        # row is its own last token, positions run 0..len-1, and fused causal attention runs (~1.5x faster a
+        # step than left padding with a mask on CPU).
+        enc = tokenizer([b["prompt"] for b in batch], padding=True, padding_side="right", return_tensors="pt",
                         add_special_tokens=add_special)
-        mask = enc["attention_mask"]
         n = torch.tensor([b["n"] for b in batch])
-        return {"input_ids": enc["input_ids"], "attention_mask": mask,
-                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+        return {"input_ids": enc["input_ids"], "last": enc["attention_mask"].sum(-1) - 1,
                 "labels": torch.tensor([b["labels"] for b in batch]),
                 "letter_mask": torch.arange(len(letters))[None, :] < n[:, None]}  # (B, 20)
 
@@ -638,8 +697,11 @@ def train_letter_lora(lm: LM, examples: Sequence[tuple[str, int, int]], *, lette
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels")
             letter_mask = inputs.pop("letter_mask")
-            out = model(**inputs, use_cache=False, logits_to_keep=1)
-            logits = out.logits[:, -1, :][:, letters.to(out.logits.device)].float()  # (B, 20)
+            last = inputs.pop("last").to(inputs["input_ids"].device)
+            keep = torch.unique(last)  # the positions whose logits are needed, as in `next_token_logits`
+            out = model(**inputs, use_cache=False, logits_to_keep=keep)
+            rows = out.logits[torch.arange(len(last), device=last.device), torch.searchsorted(keep, last)]
+            logits = rows[:, letters.to(rows.device)].float()  # (B, 20)
             logits = logits.masked_fill(~letter_mask.to(logits.device), float("-inf"))
             loss = torch.nn.functional.cross_entropy(logits, labels.to(logits.device))
             return (loss, out) if return_outputs else loss
@@ -672,16 +734,32 @@ def train_letter_lora(lm: LM, examples: Sequence[tuple[str, int, int]], *, lette
     trainer = LetterTrainer(model=model, args=args, train_dataset=dataset,
                             eval_dataset=_Examples(list(examples)[:1]) if do_eval else None,
                             data_collator=collate)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        result = trainer.train(resume_from_checkpoint=last if resume else None)
+    total_steps = max_steps if max_steps > 0 else math.ceil(epochs * math.ceil(len(dataset) / batch_size))
+    if last and (finish or json.loads((Path(last) / CHECKPOINT_STATE).read_text())["global_step"] >= total_steps):
+        # The run had finished before it was stopped (e.g. while scoring or saving the adapter), or `finish`
+        # ends it early. Trainer would still train (one step past the end when finished), so take the run's
+        # weights at its best evaluated step so far instead.
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        from transformers import TrainerState
+
+        trainer.state = TrainerState.load_from_json(str(Path(last) / CHECKPOINT_STATE))
+        best = Path(trainer.state.best_model_checkpoint or last)
+        if not checkpoint_complete(best):
+            best = Path(last)
+        set_peft_model_state_dict(model, load_file(str(best / ADAPTER_WEIGHTS)))
+        metrics = {}
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            metrics = trainer.train(resume_from_checkpoint=last if resume else None).metrics
     trained = LM(trainer.model, tokenizer, lm.model_id)
     info = {
         "global_step": int(trainer.state.global_step),
         "best_metric": trainer.state.best_metric,
         "best_checkpoint": trainer.state.best_model_checkpoint,
-        "train_runtime_s": round(float(result.metrics.get("train_runtime", 0.0)), 1),
-        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "train_runtime_s": round(float(metrics.get("train_runtime", 0.0)), 1),
+        "train_samples_per_second": metrics.get("train_samples_per_second"),
         "resumed_from": last if resume else None,
         "log_history": list(trainer.state.log_history),
         "lora": {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": list(target_modules),

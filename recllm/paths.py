@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -58,3 +60,30 @@ def retrievers_dir() -> Path:
     path = home() / "retrievers"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def replace_dir(target: Path, build) -> Path:
+    """Write the folder `target` atomically: `build(tmp)` fills a temporary sibling, which is then renamed to
+    `target` (an existing `target` is replaced). A process killed at any point leaves the old folder or the
+    new one complete, never a partial one (or, killed between the two renames of a replacement, none)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()  # not mkdtemp: the folder gets the usual permissions (umask), as a plain mkdir would
+    old = None
+    try:
+        build(tmp)
+        if target.exists():
+            old = tmp.with_name(tmp.name.replace(".tmp-", ".old-", 1))
+            os.rename(target, old)
+        os.rename(tmp, target)
+    except BaseException:
+        if old is not None and not target.exists():
+            os.rename(old, target)  # put the previous folder back
+            old = None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return target

@@ -24,10 +24,12 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 _MARKER_RE = re.compile(r"^\[\[(system|user|assistant)\]\][ \t]*$", re.MULTILINE)
 
 # What sanitize() removes or rewrites in text inserted into a prompt.
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+# control, line/paragraph separator, bidi, zero-width and other invisible characters
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 _ROLE_TAG_RE = re.compile(
     r"<\|[^|<>]{0,40}\|>"  # ChatML / Llama-3 special tokens: <|im_start|>, <|eot_id|>, <|endoftext|>
-    r"|</?s>|\[/?INST\]|<</?SYS>>"  # Llama-2 / Mistral markers
+    r"|</?[A-Za-z][\w-]{0,40}>"  # tag-like tokens: <s>, </s>, <file_sep>, <start_of_turn> (SmolLM2, Gemma, ...)
+    r"|\[/?(?:INST|SYSTEM_PROMPT|TOOL_CALLS|AVAILABLE_TOOLS|TOOL_RESULTS)\]|<</?SYS>>"  # Llama-2 / Mistral
     r"|\[\[\s*(?:system|user|assistant)\s*\]\]",  # our own role markers
     re.IGNORECASE,
 )
@@ -39,16 +41,17 @@ ELLIPSIS = "..."
 def sanitize(text: object, max_chars: int | None = None) -> str:
     """Make user or catalog text safe to insert into a prompt, as one line.
 
-    Control characters and newlines become spaces, chat role tags (`<|im_start|>`, `[INST]`, `[[user]]`,
-    ...) are removed, whitespace is collapsed, option-like `(A)` becomes `[A]`, and the text is cut to
-    `max_chars` (keeping a trailing " (1995)" year when there is one).
+    Control, zero-width and bidi characters and newlines become spaces, chat role tags and tag-like special
+    tokens (`<|im_start|>`, `[INST]`, `</s>`, `<file_sep>`, `[[user]]`, ...) are removed, whitespace is collapsed,
+    option-like `(A)` becomes `[A]`, and the text is cut to `max_chars` (keeping a trailing " (1995)" year when
+    there is one).
     """
     value = "" if text is None else str(text)
     previous = None
     while previous != value:  # removing one tag must not leave another one behind
         previous = value
-        value = _ROLE_TAG_RE.sub(" ", _CONTROL_RE.sub(" ", value))
-    value = " ".join(_OPTION_RE.sub(r"[\1]", value).split())
+        value = " ".join(_ROLE_TAG_RE.sub(" ", _CONTROL_RE.sub(" ", value)).split())
+    value = _OPTION_RE.sub(r"[\1]", value)
     if max_chars is not None and len(value) > max_chars:
         year = _YEAR_SUFFIX_RE.search(value)
         suffix = year.group(0) if year and max_chars > len(year.group(0)) + len(ELLIPSIS) + 4 else ""
@@ -56,6 +59,11 @@ def sanitize(text: object, max_chars: int | None = None) -> str:
         keep = max(0, max_chars - len(suffix) - len(ELLIPSIS))
         value = body[:keep].rstrip() + ELLIPSIS + suffix
     return value
+
+
+def has_role_tag(text: object) -> bool:
+    """True when `text` holds something `sanitize` removes as a chat role tag or special token."""
+    return bool(_ROLE_TAG_RE.search("" if text is None else str(text)))
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,14 @@ retriever order.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from recllm.errors import AdapterError, InputError
+from recllm.errors import AdapterError, InputError, RequestTimeout
 from recllm.llm import LETTERS
 from recllm.prompts import load_prompt, sanitize
 
@@ -135,28 +136,45 @@ class LLMRanker:
             title = _YEAR_RE.sub("", str(title))
         return sanitize(title, self.config.title_chars)
 
-    def score(self, requests: Sequence[tuple[Sequence[str], Sequence[str]]]) -> list[np.ndarray]:
+    def score(self, requests: Sequence[tuple[Sequence[str], Sequence[str]]],
+              deadline: float | None = None) -> list[np.ndarray]:
         """LLM scores per request `(history_titles, candidate_titles)`: float64 arrays, one per candidate.
 
         All prompts go through the model in padded batches; an empty candidate list scores as an empty array.
+        Past `deadline` (a `time.monotonic()` value) no further batch is started: `RequestTimeout`.
         """
         prompts = [self.build_prompt(h, c) for h, c in requests if len(c)]
-        logits = self.lm.next_token_logits(prompts, batch_size=self.config.batch_size) if prompts else None
+        logits = self._logits(prompts, deadline)
         out, row = [], 0
         for _, candidates in requests:
             if not len(candidates):
                 out.append(np.zeros(0))
                 continue
             ids = self.letter_ids[: len(candidates)]
-            out.append(logits[row, ids].double().numpy())
+            out.append(logits[row][ids].double().numpy())
             row += 1
         return out
 
+    def _logits(self, prompts: list[str], deadline: float | None) -> list:
+        """Next-token logits per prompt, `batch_size` prompts per forward pass (shortest first, as
+        `LM.next_token_logits` groups them), checking `deadline` before each pass."""
+        size = max(1, self.config.batch_size)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        rows: list = [None] * len(prompts)
+        for start in range(0, len(order), size):
+            if deadline is not None and time.monotonic() > deadline:
+                raise RequestTimeout("ranking stopped: the request ran past its time limit")
+            chunk = order[start:start + size]
+            logits = self.lm.next_token_logits([prompts[i] for i in chunk], batch_size=size)
+            for row, i in enumerate(chunk):
+                rows[i] = logits[row]
+        return rows
+
     def rank_many(self, requests: Sequence[tuple[Sequence[str], Sequence[Candidate]]],
-                  fusion_weight: float | None = None) -> list[list[Ranked]]:
-        """`rank` for many users in batched forward passes."""
+                  fusion_weight: float | None = None, deadline: float | None = None) -> list[list[Ranked]]:
+        """`rank` for many users in batched forward passes (`RequestTimeout` past `deadline`, see `score`)."""
         cut = [list(c)[: self.config.max_candidates] for _, c in requests]
-        scores = self.score([(h, [c.title for c in cands]) for (h, _), cands in zip(requests, cut)])
+        scores = self.score([(h, [c.title for c in cands]) for (h, _), cands in zip(requests, cut)], deadline)
         weight = self.fusion_weight if fusion_weight is None else fusion_weight
         return [self.order(cands, s, weight) for cands, s in zip(cut, scores)]
 

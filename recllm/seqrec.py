@@ -31,6 +31,11 @@ from recllm.errors import ModelError
 
 WEIGHTS_FILE = "seq.safetensors"
 CONFIG_FILE = "seq.json"
+REFIT = "the folder is incomplete or damaged: run `recllm fit-retriever` again"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 @dataclass
@@ -230,8 +235,9 @@ class SeqEncoder:
         try:
             meta = json.loads((directory / CONFIG_FILE).read_text())
             state = load_file(str(directory / WEIGHTS_FILE))
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{directory}: cannot load the sequential encoder ({exc})") from None
+        except Exception as exc:  # noqa: BLE001 - missing, truncated or damaged files (SafetensorError too)
+            raise ModelError(f"{directory}: cannot load the sequential encoder ({_first_line(exc)}): "
+                             f"{REFIT}") from None
         config = SeqConfig.from_dict(meta["config"])
         model = SASRec(len(meta["item_ids"]), config)
         try:
@@ -485,14 +491,18 @@ class CollaborativeRetriever:
         return [(self.item_ids[i], float(s[i])) for i in order if np.isfinite(s[i])]
 
     def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        self.encoder.save(directory)
-        self.transitions.save(directory / TRANSITIONS_FILE)
-        if self.content is not None:
-            np.save(directory / CONTENT_FILE, self.content.astype(np.float32), allow_pickle=False)
-        meta = dict(self.meta, weights=self.weights, popularity=self.popularity.tolist(), format=1)
-        (directory / FUSION_FILE).write_text(json.dumps(meta, indent=1))
-        return directory
+        """Write the folder atomically (`paths.replace_dir`): a killed save never leaves a partial one."""
+        from recllm.paths import replace_dir
+
+        def build(tmp: Path) -> None:
+            self.encoder.save(tmp)
+            self.transitions.save(tmp / TRANSITIONS_FILE)
+            if self.content is not None:
+                np.save(tmp / CONTENT_FILE, self.content.astype(np.float32), allow_pickle=False)
+            meta = dict(self.meta, weights=self.weights, popularity=self.popularity.tolist(), format=1)
+            (tmp / FUSION_FILE).write_text(json.dumps(meta, indent=1))
+
+        return replace_dir(Path(directory), build)
 
     @classmethod
     def load(cls, directory: str | Path) -> "CollaborativeRetriever":
@@ -508,10 +518,10 @@ class CollaborativeRetriever:
             content = None
             if (directory / CONTENT_FILE).is_file():
                 content = np.load(directory / CONTENT_FILE, allow_pickle=False)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelError(f"{directory}: cannot load the fitted retriever ({exc})") from None
-        weights = meta.pop("weights")
-        popularity = np.asarray(meta.pop("popularity"), dtype=np.float64)
+            weights = meta.pop("weights")
+            popularity = np.asarray(meta.pop("popularity"), dtype=np.float64)
+        except Exception as exc:  # noqa: BLE001 - missing, truncated or damaged files (BadZipFile too)
+            raise ModelError(f"{directory}: cannot load the fitted retriever ({_first_line(exc)}): {REFIT}") from None
         return cls(encoder, transitions, popularity, weights, content, meta)
 
 

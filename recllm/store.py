@@ -45,6 +45,8 @@ FINGERPRINT_KEY = "recllm_fingerprint"  # collection metadata: catalog fingerpri
 SPACE_KEY = "recllm_space"  # collection metadata: "cosine" or "ip"
 POST_FILTER_FETCH = 8  # filtered queries first try this many times k unfiltered results (see `query`)
 _PAGE = 5000  # ids per `get` page when reading a whole collection
+CHROMA_DB = "chroma.sqlite3"  # the database file of an embedded Chroma store
+SQLITE_MAGIC = b"SQLite format 3\x00"
 _KIND_RE = re.compile(r"^[a-z][a-z0-9]{0,30}$")
 
 
@@ -163,11 +165,12 @@ class ItemStore:
                 host, port, ssl = _parse_url(self.chroma_url)
                 client = chromadb.HttpClient(host=host, port=port, ssl=ssl, settings=settings)
             else:
-                if self.path.exists() and not self.path.is_dir():
-                    raise StoreError(f"the item store {self.path} is a file, not a folder: {self._fix_hint()}")
+                self._check_folder()
                 self.path.mkdir(parents=True, exist_ok=True)
                 client = chromadb.PersistentClient(path=str(self.path), settings=settings)
             client.list_collections(limit=1)  # touch the database: a foreign file fails here
+            if not self.chroma_url:
+                self._check_collections(client)
         except RecllmError:
             raise
         except Exception as exc:
@@ -175,6 +178,36 @@ class ItemStore:
             raise StoreError(f"cannot {verb} {self.where} ({_one_line(exc)}): {self._fix_hint()}") from None
         self._client = client
         return client
+
+    def _check_folder(self) -> None:
+        """Refuse, before Chroma writes anything, a store path that is not a Chroma folder or is damaged.
+
+        Never deletes or repairs anything: the fix is left to the person, whose data it may be.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"the item store {self.path} is a file, not a folder: {self._fix_hint()}")
+        entries = [p.name for p in self.path.iterdir()] if self.path.is_dir() else []
+        if not entries:
+            return
+        db = self.path / CHROMA_DB
+        if not db.is_file():
+            raise StoreError(f"{self.path} is not a Chroma item store (it has no {CHROMA_DB}) and recllm will "
+                             f"not write into it: move it away or set RECLLM_HOME to another folder")
+        with db.open("rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+        others = [e for e in entries if not e.startswith(CHROMA_DB)]  # -wal, -shm and -journal belong to it
+        if head != SQLITE_MAGIC and (head or others):  # empty with segment folders: the database was cut
+            raise StoreError(f"the item store {self.path} is damaged ({CHROMA_DB} is not an SQLite database): "
+                             f"{self._fix_hint()}")
+
+    def _check_collections(self, client) -> None:
+        """Refuse an embedded Chroma database holding collections recllm did not create (another program's)."""
+        foreign = [c.name for c in client.list_collections()
+                   if not any(str(k).startswith("recllm_") for k in (c.metadata or {}))]
+        if foreign:
+            names = ", ".join(sorted(foreign)[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise StoreError(f"{self.path} is a Chroma database of another program (collections {names}) and "
+                             f"recllm will not write into it: set RECLLM_HOME to another folder")
 
     def _call(self, what: str, fn, *args, **kwargs):
         """Run a Chroma call, turning its failures into a one-line StoreError."""
@@ -429,14 +462,16 @@ class ItemStore:
         ids = [ids[j] for j in keep]
         vectors = vectors[keep]
         self._drop(kind, catalog.name)
-        collection = self._collection(kind, catalog.name, create=True, space=space,
-                                      metadata={MODEL_KEY: model or kind, DIM_KEY: int(vectors.shape[1])})
+        # The producer is recorded only once every vector is in: a killed run never looks finished.
+        done = {SPACE_KEY: space, MODEL_KEY: model or kind, DIM_KEY: int(vectors.shape[1])}
+        collection = self._collection(kind, catalog.name, create=True, space=space, metadata={**done, MODEL_KEY: ""})
         step = max(1, min(batch_size, self._max_batch()))
         for start in range(0, len(ids), step):
             chunk = ids[start:start + step]
             self._call(f"writing {kind} vectors", collection.upsert, ids=chunk,
                        embeddings=vectors[start:start + step],
                        metadatas=[item_metadata(catalog.get(i)) for i in chunk])
+        self._call("writing collection metadata", collection.modify, metadata=done)
         return len(ids)
 
     def query_vectors(self, catalog: Catalog, kind: str, vector, k: int, filters: Filters | None = None,

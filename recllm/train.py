@@ -268,13 +268,14 @@ def _retriever_for(data, catalog, retriever, work: Path, seed: int, progress: bo
 
 def train(catalog=None, interactions=None, *, model=None, out: str | Path | None = None, resume: bool = False,
           config: TrainConfig | None = None, retriever: str | Path | None = None, work_dir: str | Path | None = None,
-          default: bool = False, progress: bool = True) -> Path:
+          default: bool = False, progress: bool = True, finish: bool = False) -> Path:
     """Train a LoRA ranking adapter and write it to `out` (atomically); returns the folder.
 
     catalog / interactions: paths or loaded objects (None: bundled MovieLens). model: base model (None: the
     packaged SmolLM2), or an already loaded `llm.LM`. retriever: a fitted retriever folder or a loaded
     `seqrec.CollaborativeRetriever` (None: fit one on the train split, kept in the work folder).
-    work_dir: checkpoints (default `<home>/train/<out name>`); `resume` continues there.
+    work_dir: checkpoints (default `<home>/train/<out name>`); `resume` continues there; `finish` (implies
+      resume) stops the run there: no more steps, the adapter is written from its best evaluated step so far.
     default: mark the adapter as the default one for its base model (engine loads it automatically).
     """
     from recllm import llm
@@ -293,6 +294,7 @@ def train(catalog=None, interactions=None, *, model=None, out: str | Path | None
     if out.exists():
         raise InputError(f"Adapter folder {out} already exists: choose another --out or remove it")
     work = Path(work_dir) if work_dir is not None else paths.home() / "train" / out.name
+    resume = resume or finish
     if resume and not work.is_dir():
         raise InputError(f"Nothing to resume: {work} does not exist")
     if not resume and work.exists():
@@ -344,8 +346,8 @@ def train(catalog=None, interactions=None, *, model=None, out: str | Path | None
         base, examples, letter_ids=ranker.letter_ids, output_dir=work / "checkpoints", evaluate=eval_fn,
         r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, layers=cfg.lora_layers or None, batch_size=cfg.batch_size,
         lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
-        eval_steps=cfg.eval_steps, save_steps=cfg.eval_steps, seed=cfg.seed, resume=resume, progress=progress,
-        threads=cfg.threads,
+        eval_steps=cfg.eval_steps, save_steps=cfg.eval_steps, seed=cfg.seed, resume=resume, finish=finish,
+        progress=progress, threads=cfg.threads,
     )
     train_wall = time.monotonic() - t
     evals = [h for h in info["log_history"] if "eval_ndcg10" in h]
@@ -392,7 +394,8 @@ def train(catalog=None, interactions=None, *, model=None, out: str | Path | None
                   "train_wall_s": round(train_wall, 1), "eval_during_training_s": round(eval_seconds, 1),
                   "examples_per_s": round(examples_per_s, 4) if examples_per_s else None,
                   "trainer_samples_per_s": info["train_samples_per_second"], "device": info["device"],
-                  "resumed_from": info["resumed_from"], "final_eval_s": round(eval_wall, 1),
+                  "resumed_from": info["resumed_from"], "stopped_early": bool(finish),
+                  "final_eval_s": round(eval_wall, 1),
                   "total_s": round(time.monotonic() - t0, 1)},
     )
     folder = llm.save_adapter(tuned, out, **meta)
@@ -426,6 +429,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="base model: HF id in the local cache, folder or .gguf (default: SmolLM2)")
     parser.add_argument("--out", help="adapter folder to write (default: adapters/<model>-<catalog>)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument("--finish", action="store_true",
+                        help="stop a run early: train no further, write the adapter from the best checkpoint so far")
     parser.add_argument("--retriever", help="a fitted retriever folder (default: fit one on the train split)")
     parser.add_argument("--work-dir", help="checkpoints folder (default: <home>/train/<adapter name>)")
     parser.add_argument("--default", action="store_true", help="mark the adapter as the default for its base model")
@@ -463,7 +468,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     """`recllm train`: prints the adapter folder and its headline metrics."""
     cfg = config_from_args(args)
-    folder = train(args.catalog, args.interactions, model=args.model, out=args.out, resume=args.resume, config=cfg,
+    folder = train(args.catalog, args.interactions, model=args.model, out=args.out, resume=args.resume, finish=args.finish, config=cfg,
                    retriever=args.retriever, work_dir=args.work_dir, default=args.default, progress=not args.quiet)
     from recllm.llm import read_adapter_metadata
 

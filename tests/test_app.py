@@ -1,5 +1,6 @@
-"""The Gradio app, served for real on 127.0.0.1: a Chromium session (ask → refine → why → thumbs down), ten
-parallel gradio_client sessions that must never see each other's conversation, and the login.
+"""The Gradio app, served for real on 127.0.0.1: a Chromium session (ask → refine → why → thumbs down), twenty
+parallel gradio_client sessions that must never see each other's conversation, another session answered while
+one turn is stuck in the engine, and the login.
 
 The app runs in-process (`build_app` + `launch(block=False)`) on a free port over a real `Recommender`
 (see `test_chat.build_recommender`); every server is closed by its fixture.
@@ -124,8 +125,8 @@ def test_parallel_sessions_never_mix(served, recommender):
     from gradio_client import Client
 
     url, _ = served
-    popular = [i for i, _ in recommender.interactions.popularity().most_common(40)]
-    titles = [recommender.catalog.get(i).title for i in popular if len(recommender.catalog.get(i).title) > 6][:12]
+    popular = [i for i, _ in recommender.interactions.popularity().most_common(80)]
+    titles = [recommender.catalog.get(i).title for i in popular if len(recommender.catalog.get(i).title) > 6][:20]
     outcomes: dict[int, object] = {}
 
     def converse(n: int) -> None:
@@ -147,11 +148,61 @@ def test_parallel_sessions_never_mix(served, recommender):
         t.start()
     for t in threads:
         t.join(timeout=300)
-    assert len(titles) >= 10 and len(outcomes) == len(titles)
+    assert len(titles) == 20 and len(outcomes) == len(titles)
     for n, outcome in outcomes.items():
         assert not isinstance(outcome, Exception), f"session {n}: {outcome!r}"
         own_messages, own_title, others = outcome
         assert own_messages and own_title and others == [], f"session {n} saw {others}"
+
+
+class GatedRecommender:
+    """The real recommender whose `recommend` waits at a gate: a chat turn as slow as the test wants."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.entered = threading.Event()  # a turn is inside recommend()
+        self.release = threading.Event()  # let it finish
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def recommend(self, request=None, **fields):
+        self.entered.set()
+        self.release.wait(timeout=300)
+        return self.inner.recommend(request, **fields)
+
+
+@pytest.mark.server
+def test_a_slow_turn_does_not_hold_up_other_sessions(recommender):
+    """While one session's turn is stuck in the engine, another session's reset and thumbs are answered (they
+    are outside the engine's concurrency group), and the slow turn then completes normally."""
+    from gradio_client import Client
+
+    gated = GatedRecommender(recommender)
+    demo = chat_app.build_app(gated)
+    url = chat_app.launch(demo, port=free_port(), block=False)
+    try:
+        job = Client(url, verbose=False).submit("I loved Heat", api_name="/chat")
+        assert gated.entered.wait(timeout=120), "the slow turn never reached the engine"
+        other = Client(url, verbose=False)
+        answered = []
+
+        def cheap_calls() -> None:
+            answered.append(other.predict(api_name="/start_fresh"))
+            answered.append(other.predict(api_name="/thumbs_up_0"))
+
+        caller = threading.Thread(target=cheap_calls)
+        caller.start()
+        caller.join(timeout=120)
+        assert not caller.is_alive() and len(answered) == 2, "the other session waited for the slow turn"
+        assert not job.done()  # the slow turn was in flight all along
+        assert _text(answered[0][0][-1]).strip()  # the reset's own reply
+        gated.release.set()
+        out = job.result(timeout=300)
+        assert out[1][-1]["role"] == "assistant" and "Heat" in _text(out[1][0])
+    finally:
+        gated.release.set()
+        demo.close()
 
 
 @pytest.mark.server
@@ -179,3 +230,14 @@ def _text(message: dict) -> str:
     if isinstance(content, str):
         return content
     return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+
+
+def test_catalog_text_cannot_put_links_images_or_html_on_the_page():
+    from recllm.chat import Card
+
+    hostile = Card("x", 1, "t (1999)", "![pixel](http://tracker.example/p.png) <img src=http://tracker.example/q.png>",
+                   1999, ("[Drama](http://e.example)",), reason="see <script>x</script> [here](http://e.example)")
+    shown = chat_app.card_markdown(hostile)
+    for pattern in (r"(?<!\\)\[", r"(?<!\\)<"):  # every [ and < escaped: no link, image or tag can form
+        assert not re.search(pattern, shown), (pattern, shown)
+    assert "pixel" in shown and "Drama" in shown and "here" in shown  # the words stay readable

@@ -214,6 +214,13 @@ def test_run_eval_end_to_end_on_a_planted_pattern(tmp_path):
     # the saved retriever is re-evaluated without refitting, with the same figures
     again = evaluate.run_eval(items, inter, systems=("retriever",), retriever=out / "retriever-seed0", progress=False)
     assert again.systems["retriever"]["metrics"] == pytest.approx(systems["retriever"]["metrics"])
+    # several rankers side by side in one report (e.g. untuned and tuned): one system each
+    both = evaluate.run_eval(items, inter, systems=("retriever",), retriever=out / "retriever-seed0", progress=False,
+                             ranker={"keep": lambda reqs: [[-i for i in range(len(c))] for _, c, _ in reqs],
+                                     "reverse": lambda reqs: [[i for i in range(len(c))] for _, c, _ in reqs]})
+    assert set(both.systems) == {"retriever", "retriever+keep", "retriever+reverse"}
+    assert both.systems["retriever+keep"]["metrics"] == pytest.approx(systems["retriever"]["metrics"])
+    assert both.systems["retriever+reverse"]["metrics"]["ndcg@10"] < systems["retriever"]["metrics"]["ndcg@10"]
 
 
 def test_unknown_system_is_a_clean_error():

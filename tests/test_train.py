@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from recllm import llm, train
 from recllm.errors import AdapterError, InputError
@@ -58,9 +60,9 @@ def _config(**kw) -> train.TrainConfig:
 
 def _run(tiny_data, tiny_lm, out, work, **kw):
     catalog, interactions = tiny_data
-    resume = kw.pop("resume", False)
+    resume, finish = kw.pop("resume", False), kw.pop("finish", False)
     return train.train(catalog, interactions, model=tiny_lm, out=out, work_dir=work, config=_config(**kw),
-                       retriever=StubRetriever(N_ITEMS), resume=resume, progress=False)
+                       retriever=StubRetriever(N_ITEMS), resume=resume, finish=finish, progress=False)
 
 
 def _letter_logits(lm):
@@ -119,6 +121,22 @@ def test_resume_continues_from_the_last_checkpoint(tiny_data, tiny_lm, tmp_path)
     assert m1["training"]["global_step"] == 2
     assert m2["training"]["global_step"] == 4
     assert m2["training"]["resumed_from"].endswith("checkpoint-2")
+
+
+def test_finish_stops_a_run_early_at_its_best_step(tiny_data, tiny_lm, tmp_path):
+    from safetensors.torch import load_file
+
+    work = tmp_path / "work"
+    _run(tiny_data, tiny_lm, tmp_path / "a1", work, max_steps=3, eval_steps=1)
+    state = json.loads((work / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    best = Path(state["best_model_checkpoint"])
+    finished = _run(tiny_data, tiny_lm, tmp_path / "a2", work, max_steps=50, eval_steps=1, finish=True)
+    meta = llm.read_adapter_metadata(finished)
+    assert meta["training"]["global_step"] == 3 and meta["training"]["stopped_early"] is True  # no step trained
+    assert not (work / "checkpoints" / "checkpoint-4").exists()
+    saved = load_file(str(finished / llm.ADAPTER_WEIGHTS))
+    at_best = load_file(str(best / llm.ADAPTER_WEIGHTS))
+    assert saved.keys() == at_best.keys() and all(torch.equal(saved[k], at_best[k]) for k in saved)
 
 
 def test_resume_without_checkpoints_is_refused(tiny_data, tiny_lm, tmp_path):
