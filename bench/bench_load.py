@@ -6,8 +6,9 @@ Starts `recllm serve` on a free 127.0.0.1 port in a child process (options after
 `-- --adapter none`), warms it with one turn, then runs `--sessions` gradio_client sessions at once, each
 sending `--turns` scripted messages (an ask naming its own movie, refinements, why, and finally "what do you
 know about me?"). Reports every reply's arrival, cross-talk (a session's profile naming another session's
-movie), turn-time p50/p95/max (seconds, a turn waits in the engine queue: one turn runs at a time), and the
-server's RSS after warm-up and after all turns. The server is stopped at the end.
+opening movie that it was never shown itself), turn-time p50/p95/max (seconds; a turn waits in the engine
+queue: one turn runs at a time), and the server's RSS after warm-up, after each quarter of the turns and at
+the end. The server is stopped at the end.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def main(argv=None) -> int:
         rss_start = rss_mb(server.pid)
 
         times: list[float] = []
+        rss_by_turns: dict[int, float] = {}  # server RSS (MB) after every quarter of the turns
         outcomes: dict[int, object] = {}
         lock = threading.Lock()
 
@@ -117,10 +119,14 @@ def main(argv=None) -> int:
                     out = client.predict(message, api_name="/chat")
                     with lock:
                         times.append(time.monotonic() - t0)
+                        if len(times) % max(1, len(titles) * args.turns // 4) == 0:
+                            rss_by_turns[len(times)] = round(rss_mb(server.pid), 1)
                 conversation = out[1]
                 said = [text_of(m) for m in conversation if m["role"] == "user"]
                 profile = text_of(conversation[-1])
-                others = [t for j, t in enumerate(titles) if j != n and t in profile]
+                seen = " ".join(text_of(m) for m in conversation[:-1])  # what this session was shown itself
+                # cross-talk: the profile names another session's opening movie that this session never saw
+                others = [t for j, t in enumerate(titles) if j != n and t in profile and t not in seen]
                 outcomes[n] = {"replies": len(said), "own_messages": said[-len(script):] == script,
                                "own_title_in_profile": titles[n] in profile, "other_titles": others}
             except Exception as exc:  # noqa: BLE001 - reported
@@ -153,7 +159,8 @@ def main(argv=None) -> int:
                                                          "p95": round(float(np.percentile(arr, 95)), 2),
                                                          "max": round(float(arr.max()), 2)},
         "throughput_turns_per_s": round(len(times) / wall, 3), "wall_s": round(wall, 1),
-        "warm_turn_s": round(warm_s, 2), "rss_mb": {"after_warmup": round(rss_start, 1), "end": round(rss_end, 1)},
+        "warm_turn_s": round(warm_s, 2), "rss_mb": {"after_warmup": round(rss_start, 1), "by_turns_answered": rss_by_turns,
+                                                    "end": round(rss_end, 1)},
         "app_args": app_args, "ranker": os.environ.get("RECLLM_RANKER", "llm"), "load_avg": os.getloadavg(),
     }
     if args.json:
@@ -165,7 +172,7 @@ def main(argv=None) -> int:
         print(f"turn time p50 {report['turn_s']['p50']} s, p95 {report['turn_s']['p95']} s, "
               f"max {report['turn_s']['max']} s")
         print(f"server RSS after warm-up {report['rss_mb']['after_warmup']} MB, after all turns "
-              f"{report['rss_mb']['end']} MB")
+              f"{report['rss_mb']['end']} MB; by turns answered {rss_by_turns}")
     return 0 if not errors and not crosstalk and not wrong and len(times) == report["turns_expected"] else 1
 
 
