@@ -287,10 +287,11 @@ def validate(text: str, *, allowed: Collection[str], matcher: TitleMatcher | Non
 
 
 # -- the explainer -------------------------------------------------------------------------------------------
-def fallback_text(evidence: Evidence) -> str:
-    """The plain sentence built only from the evidence."""
-    liked = join_and([sanitize(t) for t in evidence.titles])
-    shared = ", ".join(sanitize(s) for s in evidence.shared)
+def fallback_text(evidence: Evidence, config: ExplainConfig | None = None) -> str:
+    """The plain sentence built only from the evidence (titles and genres/tags cut as in the prompt)."""
+    config = config or ExplainConfig()
+    liked = join_and([sanitize(t, config.title_chars) for t in evidence.titles])
+    shared = ", ".join(sanitize(s, config.shared_chars) for s in evidence.shared)
     if liked and shared:
         return load_prompt("explain_fallback", {"liked", "shared"}).render(liked=liked, shared=shared)
     if liked:
@@ -340,7 +341,7 @@ class Explainer:
         """
         meta = self.describe()
         if self.lm is None:
-            yield Explanation(fallback_text(evidence), "fallback", evidence, meta=meta)
+            yield Explanation(fallback_text(evidence, self.config), "fallback", evidence, meta=meta)
             return
         cfg = self.config
         messages = self.messages(item, evidence)
@@ -361,7 +362,7 @@ class Explainer:
             getattr(generated, "close", lambda: None)()  # no more tokens are computed
         draft = "".join(pieces)
         if late:
-            yield Explanation(fallback_text(evidence), "fallback", evidence, rejected="stopped: past the time limit",
+            yield Explanation(fallback_text(evidence, self.config), "fallback", evidence, rejected="stopped: past the time limit",
                               draft=draft, meta=meta)
             return
         text, complete = tidy(draft, cfg.max_sentences)
@@ -375,7 +376,7 @@ class Explainer:
         if problem is None:
             yield Explanation(text, "llm", evidence, meta=meta)
         else:
-            yield Explanation(fallback_text(evidence), "fallback", evidence, rejected=problem, draft=draft, meta=meta)
+            yield Explanation(fallback_text(evidence, self.config), "fallback", evidence, rejected=problem, draft=draft, meta=meta)
 
     def _hit_token_limit(self, generated: str) -> bool:
         count = getattr(self.lm, "token_count", None)

@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import threading
-import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -239,9 +238,7 @@ def _device_and_dtype() -> tuple[str, Any]:
 def _atomic_dir(target: Path, build, marker: str = SOURCE_FILE) -> Path:
     """Run `build(tmp_dir)` and rename the result to `target` (another process may win: then keep theirs,
     recognised by its `marker` file)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()  # not mkdtemp (0700): the folder gets the usual permissions
+    tmp = paths.temp_sibling(target)
     try:
         build(tmp)
         try:

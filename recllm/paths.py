@@ -62,14 +62,39 @@ def retrievers_dir() -> Path:
     return path
 
 
+def temp_sibling(target: Path) -> Path:
+    """A new empty folder `.<name>.tmp-<pid>-<random>` beside `target`, to be renamed onto it when complete.
+
+    Such folders left by processes that no longer run (killed mid-write) are removed first; a live process's
+    folder is never touched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        pid = stale.name[len(f".{target.name}.tmp-"):].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()  # not mkdtemp: the folder gets the usual permissions (umask), as a plain mkdir would
+    return tmp
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def replace_dir(target: Path, build) -> Path:
     """Write the folder `target` atomically: `build(tmp)` fills a temporary sibling, which is then renamed to
     `target` (an existing `target` is replaced). A process killed at any point leaves the old folder or the
     new one complete, never a partial one (or, killed between the two renames of a replacement, none)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()  # not mkdtemp: the folder gets the usual permissions (umask), as a plain mkdir would
+    tmp = temp_sibling(target)
     old = None
     try:
         build(tmp)

@@ -84,6 +84,8 @@ def test_fallback_sentences():
     assert fallback_text(Evidence("x", (("7", "Sabrina", 0.9),))) == "Because you liked Sabrina."
     assert "Comedy" in fallback_text(Evidence("x", (), ("Comedy",)))
     assert fallback_text(Evidence("x"))
+    long = fallback_text(Evidence("x", (("7", "Endless " * 100 + "(1999)", 0.9),), ("Drama " * 50,)))
+    assert len(long) < 200 and "(1999)" in long  # a huge catalog title is cut, its year kept
 
 
 def test_matcher_rules():

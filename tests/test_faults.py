@@ -396,3 +396,19 @@ def test_truncated_retriever_folder_is_a_one_line_error_naming_the_fix(tmp_path,
         with pytest.raises(ModelError, match="incomplete or damaged: run `recllm fit-retriever` again") as info:
             seqrec.CollaborativeRetriever.load(broken)
         assert "\n" not in str(info.value)
+
+
+def test_folders_left_by_killed_writers_are_removed_by_the_next_write(tmp_path):
+    from recllm.paths import replace_dir
+
+    target = tmp_path / "retriever"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs: its half-written folder is garbage
+    stale = tmp_path / f".retriever.tmp-{dead.pid}-deadbeef"
+    live = tmp_path / f".retriever.tmp-{os.getpid()}-cafebabe"  # a writer still running: left alone
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "part").write_text("half")
+    replace_dir(target, lambda tmp: (tmp / "done").write_text("ok"))
+    assert (target / "done").read_text() == "ok"
+    assert not stale.exists() and live.exists()
