@@ -260,28 +260,21 @@ def main(argv=None) -> int:
 
     generation = result["generation"] = {}
     gen_requests = requests[: args.gen_users]
-    if args.gen_mode in ("letters", "both"):
-        gen_ranker = LLMRanker(lm, prompt="rank_generate")  # same lists, asks for an ordered list of letters
-        generation["letters"] = generation_run(
-            lm, gen_ranker, gen_requests, titles, args.gen_tokens,
-            lambda text, cands, cut: parse_generated(text, len(cands), [c.title for c in cands], matcher, cut),
-            "letters")
-        if generation["letters"]:
-            generation["letters"]["speed_ratio"] = round(generation["letters"]["s_median"] / med_single, 1)
-            generation["letters"]["speed_ratio_of_minimums"] = round(generation["letters"]["s_min"] / min(single), 1)
-            generation["letters"]["speed_ratio_cpu"] = round(
-                generation["letters"]["cpu_s_median"] / statistics.median(single_cpu), 1)
-        emit()
-    if args.gen_mode in ("titles", "both"):
-        gen_ranker = LLMRanker(lm, prompt="rank_generate_titles")  # asks for the titles, one per line
-        generation["titles"] = generation_run(
-            lm, gen_ranker, gen_requests, titles, args.gen_title_tokens,
-            lambda text, cands, cut: parse_generated_titles(text, [c.title for c in cands], cut), "titles")
-        if generation["titles"]:
-            generation["titles"]["speed_ratio"] = round(generation["titles"]["s_median"] / med_single, 1)
-            generation["titles"]["speed_ratio_of_minimums"] = round(generation["titles"]["s_min"] / min(single), 1)
-            generation["titles"]["speed_ratio_cpu"] = round(
-                generation["titles"]["cpu_s_median"] / statistics.median(single_cpu), 1)
+    modes = {  # mode: (prompt, max new tokens, parser of the generated text)
+        "letters": ("rank_generate", args.gen_tokens,  # same lists, asks for an ordered list of letters
+                    lambda text, cands, cut: parse_generated(text, len(cands), [c.title for c in cands], matcher, cut)),
+        "titles": ("rank_generate_titles", args.gen_title_tokens,  # asks for the titles, one per line
+                   lambda text, cands, cut: parse_generated_titles(text, [c.title for c in cands], cut)),
+    }
+    for mode, (prompt, tokens, parse) in modes.items():
+        if args.gen_mode not in (mode, "both"):
+            continue
+        run = generation[mode] = generation_run(lm, LLMRanker(lm, prompt=prompt), gen_requests, titles, tokens, parse,
+                                                mode)
+        if run:
+            run["speed_ratio"] = round(run["s_median"] / med_single, 1)
+            run["speed_ratio_of_minimums"] = round(run["s_min"] / min(single), 1)
+            run["speed_ratio_cpu"] = round(run["cpu_s_median"] / statistics.median(single_cpu), 1)
         emit()
 
     if args.json:

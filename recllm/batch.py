@@ -36,12 +36,9 @@ from pathlib import Path
 
 from recllm.errors import InputError, RecllmError
 
-# Limits on one row; a row over any of them becomes an error row. Rows are checked against
-# `engine.Limits.from_env()` (so RECLLM_MAX_ROW_BYTES etc. apply); the engine.Limits defaults are:
-MAX_LINE_BYTES = 1_000_000  # one input line (Limits.max_row_bytes)
-MAX_REF_CHARS = 300  # one history entry, an item id or a title (Limits.max_ref_chars)
-MAX_MESSAGES = 100  # turns in `messages` (Limits.max_messages)
-MAX_TEXT_CHARS = 2000  # one message or the question (Limits.max_query_chars)
+# Limits on one row; a row over any of them becomes an error row. The line size, history entries, turns and
+# message length are `engine.Limits` fields (max_row_bytes, max_ref_chars, max_messages, max_query_chars), read
+# with `Limits.from_env()` so RECLLM_MAX_ROW_BYTES etc. apply; these two are fixed:
 MAX_ID_CHARS = 200  # the row id
 MAX_USER_CHARS = 200  # the user id
 DEFAULT_K = 10
@@ -94,13 +91,17 @@ def _text(value, name: str, limit: int) -> str:
     return text
 
 
+def _limits():
+    """`engine.Limits.from_env()` (imported late: the engine imports this module's callers)."""
+    from recllm.engine import Limits
+
+    return Limits.from_env()
+
+
 def parse_ask(data: dict, limits=None) -> Ask:
     """Check one row object against `limits` (an `engine.Limits`; default `Limits.from_env()`) and turn it into an
     `Ask`; `InputError` says what is wrong."""
-    if limits is None:
-        from recllm.engine import Limits
-
-        limits = Limits.from_env()
+    limits = limits or _limits()
     unknown = [key for key in data if key not in FIELDS]
     if unknown:
         raise InputError(f"unknown field {', '.join(map(repr, unknown))} (fields: {', '.join(FIELDS)})")
@@ -154,7 +155,7 @@ def _messages(messages, limits) -> list[dict]:
     return checked
 
 
-def _decode(raw: bytes | str, line: int, limit: int = MAX_LINE_BYTES) -> object:
+def _decode(raw: bytes | str, line: int, limit: int) -> object:
     """The JSON value of one line, or an error string (`limit`: bytes of a line)."""
     if len(raw) > limit:
         return _Bad(f"line {line}: {len(raw)} bytes long; the limit is {limit}")
@@ -196,9 +197,7 @@ def _row(index: int, line: int, data: object, seen: dict[str, int], limits=None)
 
 def parse_lines(lines: Iterable[bytes | str]) -> list[Row]:
     """Rows from JSONL lines (blank lines skipped, line numbers kept)."""
-    from recllm.engine import Limits
-
-    limits = Limits.from_env()
+    limits = _limits()
     rows: list[Row] = []
     seen: dict[str, int] = {}
     for number, raw in enumerate(lines, 1):
@@ -226,9 +225,7 @@ def read_rows(path: str | Path) -> list[Row]:
 
 def rows_from_dicts(objects: Iterable[dict]) -> list[Row]:
     """Rows from Python dicts (the notebook path); the same checks as a file, `line` counts from 1."""
-    from recllm.engine import Limits
-
-    limits = Limits.from_env()
+    limits = _limits()
     seen: dict[str, int] = {}
     return [_row(i, i + 1, obj, seen, limits) for i, obj in enumerate(objects)]
 

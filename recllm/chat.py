@@ -1071,14 +1071,14 @@ class ChatSession:
     def respond_stream(self, message: str) -> Iterator[Reply]:
         """Answer one message, yielding growing `Reply`s; the last one has `done=True`."""
         with self._lock:
-            text = clean_text(message, self.max_message)
+            full = clean_text(message, None)
+            text = full[: self.max_message]
             self.messages.append({"role": "user", "content": text})
             self._remember({"kind": "message", "role": "user", "content": text})
             self.turns += 1
             try:
-                length = len(clean_text(message, None))
-                if length > self.max_message:
-                    raise InputError(f"your message is {length} characters long; the limit is {self.max_message}")
+                if len(full) > self.max_message:
+                    raise InputError(f"your message is {len(full)} characters long; the limit is {self.max_message}")
                 plan = self._plan(text)
             except RecllmError as exc:
                 plan = _Plan(reply=Reply(templates().render("error", message=str(exc)), self.shown, "error"))

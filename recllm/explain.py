@@ -341,7 +341,7 @@ class Explainer:
         """
         meta = self.describe()
         if self.lm is None:
-            yield Explanation(fallback_text(evidence, self.config), "fallback", evidence, meta=meta)
+            yield self._fallback(evidence, meta)
             return
         cfg = self.config
         messages = self.messages(item, evidence)
@@ -362,8 +362,7 @@ class Explainer:
             getattr(generated, "close", lambda: None)()  # no more tokens are computed
         draft = "".join(pieces)
         if late:
-            yield Explanation(fallback_text(evidence, self.config), "fallback", evidence, rejected="stopped: past the time limit",
-                              draft=draft, meta=meta)
+            yield self._fallback(evidence, meta, rejected="stopped: past the time limit", draft=draft)
             return
         text, complete = tidy(draft, cfg.max_sentences)
         if not complete and text and not self._hit_token_limit(draft[len(prefix):]):
@@ -376,7 +375,11 @@ class Explainer:
         if problem is None:
             yield Explanation(text, "llm", evidence, meta=meta)
         else:
-            yield Explanation(fallback_text(evidence, self.config), "fallback", evidence, rejected=problem, draft=draft, meta=meta)
+            yield self._fallback(evidence, meta, rejected=problem, draft=draft)
+
+    def _fallback(self, evidence: Evidence, meta: dict, **why: str) -> Explanation:
+        """The plain sentence from the evidence, as a final `Explanation` (`why`: rejected=..., draft=...)."""
+        return Explanation(fallback_text(evidence, self.config), "fallback", evidence, meta=meta, **why)
 
     def _hit_token_limit(self, generated: str) -> bool:
         count = getattr(self.lm, "token_count", None)

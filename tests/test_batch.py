@@ -22,12 +22,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from recllm import batch
-from recllm.batch import MAX_TEXT_CHARS, parse_ask, question_item, read_rows, run_batch
+from recllm.batch import parse_ask, question_item, read_rows, run_batch
 from recllm.errors import EmptyHistory, InputError, RecllmError, UnknownUser
 from recllm.catalog import Catalog, load_catalog
 from recllm.engine import Limits, Request
 
 MAX_K = Limits().max_k
+MAX_TEXT_CHARS = Limits().max_query_chars
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 CATALOG = Catalog(list(load_catalog())[:50], name="fake-50")  # Toy Story, Jumanji, ..., Heat (id 6), ...
