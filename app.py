@@ -25,6 +25,7 @@ import gradio as gr
 from recllm.chat import DEFAULT_EXPLAIN, DEFAULT_K, ChatSession, Reply
 from recllm.errors import RecllmError
 from recllm.memory import Memory
+from recllm.options import EngineOptions
 
 log = logging.getLogger("recllm.app")
 
@@ -74,14 +75,16 @@ def build_app(recommender, *, k: int = DEFAULT_K, explain: int = DEFAULT_EXPLAIN
         return ChatSession(recommender, k=k, explain=explain, memory=memory)
 
     def view(session: ChatSession, reply: Reply | None = None):
-        items = reply.items if reply is not None else session.shown
+        """The page for `reply` (None: the session as it is now); `card_ids` keeps which item each card shows."""
+        items = reply.items if reply is not None else session.snapshot()
         cards = []
         for i in range(k):
             if i < len(items):
                 cards += [gr.Group(visible=True), card_markdown(items[i])]
             else:
                 cards += [gr.Group(visible=False), ""]
-        return [[{**m, "content": inert(m["content"])} for m in session.messages], session, model_line(recommender), *cards]
+        messages = [{**m, "content": inert(m["content"])} for m in session.messages]
+        return [messages, session, [card.item_id for card in items[:k]], model_line(recommender), *cards]
 
     def guarded(stream, session):
         """Replies of `stream`; an unexpected failure becomes a message, never a broken page."""
@@ -111,17 +114,18 @@ def build_app(recommender, *, k: int = DEFAULT_K, explain: int = DEFAULT_EXPLAIN
         return view(session)
 
     def on_thumb(index: int, up: bool):
-        def handler(state):
+        def handler(state, card_ids):
             session = session_of(state)
-            if index < len(session.shown):
-                session.feedback(session.shown[index].item_id, up)
+            if index < len(card_ids or ()):  # the item this card shows, whatever the list is by now
+                session.feedback(card_ids[index], up)
             return view(session)
 
         return handler
 
-    max_message = getattr(getattr(recommender, "limits", None), "max_message_chars", 1000)  # engine.Limits
+    max_message = recommender.limits.max_message_chars
     with gr.Blocks(title="recllm", analytics_enabled=False) as demo:
         state = gr.State(None)
+        card_ids = gr.State([])  # item id of each card as drawn: a thumb acts on the item its card shows
         gr.Markdown("## recllm: movie recommendations you can talk to")
         status = gr.Markdown(model_line(recommender), elem_id="model-line")
         with gr.Row():
@@ -149,7 +153,7 @@ def build_app(recommender, *, k: int = DEFAULT_K, explain: int = DEFAULT_EXPLAIN
                             downs.append(gr.Button("👎 Not for me", size="sm", elem_id=f"down-{i}"))
                     groups.append(group)
         cards = [c for pair in zip(groups, texts, strict=True) for c in pair]
-        outputs = [chatbot, state, status, *cards]
+        outputs = [chatbot, state, card_ids, status, *cards]
         for trigger in (box.submit, send.click):
             trigger(on_message, [box, state], [box, *outputs], api_name="chat" if trigger == box.submit else False,
                     concurrency_limit=ENGINE_CONCURRENCY, concurrency_id="engine")
@@ -159,8 +163,10 @@ def build_app(recommender, *, k: int = DEFAULT_K, explain: int = DEFAULT_EXPLAIN
                         concurrency_limit=ENGINE_CONCURRENCY, concurrency_id="engine")
         fresh.click(on_fresh, [state], outputs, api_name="start_fresh", concurrency_limit=None)
         for i in range(k):
-            ups[i].click(on_thumb(i, True), [state], outputs, api_name=f"thumbs_up_{i}", concurrency_limit=None)
-            downs[i].click(on_thumb(i, False), [state], outputs, api_name=f"thumbs_down_{i}", concurrency_limit=None)
+            ups[i].click(on_thumb(i, True), [state, card_ids], outputs, api_name=f"thumbs_up_{i}",
+                         concurrency_limit=None)
+            downs[i].click(on_thumb(i, False), [state, card_ids], outputs, api_name=f"thumbs_down_{i}",
+                           concurrency_limit=None)
     demo.queue()
     return demo
 
@@ -189,14 +195,11 @@ def launch(demo: gr.Blocks, *, host: str = DEFAULT_HOST, port: int | None = DEFA
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="app.py", description="The recllm chat app (Gradio).")
-    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    parser.add_argument("--catalog", help="catalog CSV/JSONL or MovieLens folder (default: bundled MovieLens)")
-    parser.add_argument("--interactions",
-                        help="interactions CSV (default: the bundled ratings with the bundled catalog)")
-    parser.add_argument("--model", help="causal LM id or folder (default: packaged SmolLM2-135M-Instruct)")
-    parser.add_argument("--adapter", default="auto", help="LoRA adapter folder, 'auto' (shipped default) or 'none'")
-    parser.add_argument("--chroma-url", help="a Chroma server, http://host:port (default: embedded store)")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or DEFAULT_HOST,
+                        help=f"address to listen on (default: $GRADIO_SERVER_NAME, else {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or DEFAULT_PORT),
+                        help=f"port (default: $GRADIO_SERVER_PORT, else {DEFAULT_PORT})")
+    EngineOptions.add_arguments(parser, explain=False)
     parser.add_argument("--no-memory", action="store_true",
                         help="keep nothing after a session ends (default: a chat started from a user id keeps "
                              "that person's messages and thumbs under <home>/memory; `recllm forget` removes them)")
@@ -206,12 +209,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from recllm.engine import Recommender
-
     try:
-        recommender = Recommender(args.catalog, args.interactions, chroma_url=args.chroma_url, model=args.model,
-                                  adapter=None if args.adapter == "none" else args.adapter)
-        recommender.lm  # noqa: B018 - load the model now, so the first person does not wait for it
+        recommender = EngineOptions.from_args(args).build()
+        recommender.warm()  # load the model now, so the first person does not wait for it
     except RecllmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from recllm import evaluate, metrics
+from recllm import evaluate, metrics, split
 from recllm.engine import Recommender
 
 
@@ -22,7 +22,7 @@ def main() -> int:
     if rec.collaborative is None:
         print("no fitted retriever", file=sys.stderr)
         return 1
-    data = evaluate.load_eval_data()
+    data = split.prepare(rec.catalog, rec.interactions)
     histories = data.histories("test")
     targets = data.targets("test")
     ranks, seconds = [], []

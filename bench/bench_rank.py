@@ -6,7 +6,7 @@ first explanation token, with the default model on CPU.
 Per sampled MovieLens user (bundled ml-latest-small, at least 41 ratings): history = the 20 items before the
 last one; candidates = the last item plus 19 random unseen catalog items, shuffled (seeded). Reports:
 - verbalizer: median / p90 seconds per user one at a time, and per user when batched (rank_many);
-- generation: the model writes an ordered list of letters (prompts/rank_generate.txt), greedy; median seconds,
+- generation: the model writes an ordered list of letters (bench/prompts/rank_generate.txt), greedy; median seconds,
   speed ratio generation / verbalizer, share of outputs naming a non-candidate (a letter past the candidates,
   or a catalog title that is not a candidate), share that are not a full ranking of the candidates;
 - hit@1 / mean rank of the held-out item under both (the untuned model is near chance: see DESIGN.md);
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+PROMPTS = Path(__file__).resolve().parent / "prompts"  # the generation prompts: bench-only, not shipped
 
 
 def log(*args):
@@ -39,6 +40,18 @@ def log(*args):
 def pct(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def generation_ranker(lm, name):
+    """An LLMRanker whose prompts come from bench/prompts/<name>.txt (`recllm.prompts.Prompt`). Only its
+    `build_prompt` is used: generation is judged by parsing the text, not by letter logits."""
+    from recllm.prompts import Prompt
+    from recllm.rank import LLMRanker
+
+    path = PROMPTS / f"{name}.txt"
+    ranker = LLMRanker(lm)
+    ranker.prompt = Prompt(name=name, text=path.read_text(encoding="utf-8"), path=path)
+    return ranker
 
 
 def parse_generated(text, n_candidates, candidate_titles, matcher, cut=False):
@@ -143,10 +156,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     load_start = round(os.getloadavg()[0], 2)
     from recllm.catalog import load_catalog, load_interactions
-    from recllm.explain import Explainer, Explanation, TitleMatcher, evidence
+    from recllm.explain import Explainer, Explanation, evidence
     from recllm.llm import load_model
     from recllm.rank import LLMRanker
     from recllm.retrieve import Candidate
+    from recllm.titles import TitleMatcher
 
     rng = random.Random(args.seed)
     catalog, interactions = load_catalog(), load_interactions()
@@ -269,8 +283,8 @@ def main(argv=None) -> int:
     for mode, (prompt, tokens, parse) in modes.items():
         if args.gen_mode not in (mode, "both"):
             continue
-        run = generation[mode] = generation_run(lm, LLMRanker(lm, prompt=prompt), gen_requests, titles, tokens, parse,
-                                                mode)
+        run = generation[mode] = generation_run(lm, generation_ranker(lm, prompt), gen_requests, titles, tokens,
+                                                parse, mode)
         if run:
             run["speed_ratio"] = round(run["s_median"] / med_single, 1)
             run["speed_ratio_of_minimums"] = round(run["s_min"] / min(single), 1)

@@ -1,4 +1,5 @@
-"""Run the evaluation protocol and write report.json / report.md / report.png (what `recllm eval --out` does).
+"""Run the evaluation protocol and write report.json / report.md / report.png / ranks.npz (what `recllm eval --out`
+does).
 
     python bench/eval.py --out runs/ml --seeds 0 1 2
     python bench/eval.py --catalog ../shared/data/amazon-beauty/items.csv \\
@@ -27,18 +28,21 @@ def main(argv=None) -> int:
     p.add_argument("--phase", choices=("test", "valid"), default="test")
     p.add_argument("--out", help="folder for report.json, report.md, report.png and fitted retrievers")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of Markdown")
+    p.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     args = p.parse_args(argv)
     vectors = None
     if args.content_vectors:
         import numpy as np
 
-        data = evaluate.load_eval_data(args.catalog, args.interactions)
+        from recllm import split
+
+        data = split.prepare(*split.load_inputs(args.catalog, args.interactions))
         vectors = (data.item_ids, np.load(args.content_vectors, allow_pickle=False))
     start = time.monotonic()
     try:
         report = evaluate.run_eval(args.catalog, args.interactions, systems=args.systems, seeds=args.seeds,
                                    retriever=args.retriever, out_dir=args.out, content_vectors=vectors,
-                                   phase=args.phase)
+                                   phase=args.phase, notes=args.note)
     except RecllmError as exc:
         print(f"recllm: {exc}", file=sys.stderr)
         return 1

@@ -27,9 +27,9 @@ def main(argv=None) -> int:
     if args.content_vectors:
         import numpy as np
 
-        from recllm import evaluate
+        from recllm import split
 
-        data = evaluate.load_eval_data(args.catalog, args.interactions)
+        data = split.prepare(*split.load_inputs(args.catalog, args.interactions))
         vectors = (data.item_ids, np.load(args.content_vectors, allow_pickle=False))
     start, cpu = time.monotonic(), time.process_time()
     try:

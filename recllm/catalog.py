@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import re
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from recllm import paths
 from recllm.errors import CatalogError, UnknownItem, UnknownUser
+from recllm.titles import normalize_title, title_keys  # noqa: F401 - normalize_title: re-exported
 
 KNOWN_COLUMNS = ("item_id", "title", "description", "genres", "tags", "year")
 MAX_TEXT = 2000  # characters kept of any one text field; longer text is cut
@@ -40,14 +40,6 @@ def clean_text(value: object, limit: int = MAX_TEXT) -> str:
     """One line of printable text: control and bidi characters removed, whitespace collapsed, cut to `limit`."""
     text = _CONTROL_RE.sub(" ", str(value if value is not None else ""))
     return " ".join(text.split())[:limit]
-
-
-def normalize_title(text: str) -> str:
-    """Lower-case, accents and punctuation removed, whitespace collapsed: the key titles are matched on."""
-    text = unicodedata.normalize("NFKD", text)
-    text = "".join(c for c in text if not unicodedata.combining(c)).lower()
-    text = re.sub(r"[^\w\s]", " ", text)
-    return " ".join(text.split())
 
 
 @dataclass(frozen=True)
@@ -98,6 +90,22 @@ class Item:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+ID_PREFIX = "id:"  # "id:300" always names the item id 300 (a bare "300" is a title first)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """How one reference was read: the item it names (None: none), as what, and the reading set aside."""
+
+    ref: str
+    item_id: str | None
+    read_as: str | None  # "id", "title", "near title" or None
+    other: str | None = None  # the other reading when the ref was both a title and an id
+
+    def to_dict(self) -> dict:
+        return {"ref": self.ref, "item_id": self.item_id, "read_as": self.read_as, "other": self.other}
+
+
 class Catalog:
     """An ordered set of items with title resolution."""
 
@@ -134,32 +142,42 @@ class Catalog:
     def _title_index(self) -> dict[str, list[str]]:
         index: dict[str, list[str]] = {}
         for item in self:
-            keys = {normalize_title(item.title), normalize_title(item.label)}
-            keys.add(normalize_title(item.title.partition(" (")[0]))  # without an alternate title
-            match = re.match(r"^(the|a|an) (.*)$", normalize_title(item.title))
-            if match:  # "heat" finds "The Heat"; "american president the" finds it too
-                keys.add(match.group(2))
-                keys.add(f"{match.group(2)} {match.group(1)}")
-            for key in keys:
-                if key:
-                    index.setdefault(key, []).append(item.item_id)
+            for key in title_keys(item):
+                index.setdefault(key, []).append(item.item_id)
         return index
 
-    def resolve(self, ref: str) -> str | None:
-        """An item id for `ref` (an id, a title with or without year, or a near spelling), else None."""
+    def lookup(self, ref: str) -> Resolved:
+        """How `ref` reads as an item (the one rule for every reference a person types; README "References"):
+
+        - `id:300` is always the item id 300;
+        - anything else is a title first (with or without its year, an alternate title, a moved article);
+        - when no title matches exactly, an item id (a bare `300` finds id 300 only if no film is called "300");
+        - last, a near spelling of a title.
+        When `ref` is both a title and an id, the title wins and `other` names the id reading it set aside.
+        """
         ref = clean_text(ref, 300)
         if not ref:
-            return None
-        if ref in self.items:
-            return ref
+            return Resolved(ref, None, None)
+        if ref[:3].lower() == ID_PREFIX:
+            item_id = ref[3:].strip()
+            return Resolved(ref, item_id if item_id in self.items else None, "id")
         key = normalize_title(ref)
         ids = self._title_index.get(key)
-        if not ids:
-            close = difflib.get_close_matches(key, self._title_index.keys(), n=1, cutoff=0.88)
-            ids = self._title_index.get(close[0]) if close else None
-        if not ids:
-            return None
-        # several items share the title (remakes): prefer the one the ref's year names, else the first
+        if ids:
+            item_id = self._by_year(ids, ref)
+            other = None
+            if ref in self.items and ref != item_id:
+                other = f"{ID_PREFIX}{ref} ({self.items[ref].label})"
+            return Resolved(ref, item_id, "title", other)
+        if ref in self.items:
+            return Resolved(ref, ref, "id")
+        close = difflib.get_close_matches(key, self._title_index.keys(), n=1, cutoff=0.88)
+        if close:
+            return Resolved(ref, self._by_year(self._title_index[close[0]], ref), "near title")
+        return Resolved(ref, None, None)
+
+    def _by_year(self, ids: list[str], ref: str) -> str:
+        """Several items share the title (remakes): the one the ref's year names, else the first."""
         year = _YEAR_RE.search(ref)
         if year:
             for item_id in ids:
@@ -167,17 +185,31 @@ class Catalog:
                     return item_id
         return ids[0]
 
+    def resolve(self, ref: str) -> str | None:
+        """The item id `ref` names (see `lookup` for the rule), else None."""
+        return self.lookup(ref).item_id
+
     def resolve_many(self, refs) -> tuple[list[str], list[str]]:
         """(resolved ids in the given order, duplicates dropped; refs that matched nothing)."""
+        ids, unknown, _ = self.lookup_many(refs)
+        return ids, unknown
+
+    def lookup_many(self, refs) -> tuple[list[str], list[str], list[Resolved]]:
+        """(resolved ids in order, duplicates dropped; refs that matched nothing; the refs that could be read
+        two ways, with the reading taken)."""
         ids: list[str] = []
         unknown: list[str] = []
+        ambiguous: list[Resolved] = []
         for ref in refs:
-            item_id = self.resolve(str(ref))
-            if item_id is None:
+            found = self.lookup(str(ref))
+            if found.item_id is None:
                 unknown.append(str(ref))
-            elif item_id not in ids:
-                ids.append(item_id)
-        return ids, unknown
+                continue
+            if found.other:
+                ambiguous.append(found)
+            if found.item_id not in ids:
+                ids.append(found.item_id)
+        return ids, unknown, ambiguous
 
     def check_filter_columns(self, columns) -> None:
         """CatalogError if a filter names a column this catalog does not have."""
@@ -488,3 +520,11 @@ def load_interactions(path: str | Path | None = None) -> Interactions:
         rows.append((user, item, ts, rating))
     problems.raise_if_any()
     return Interactions(rows, path=path)
+
+
+def default_interactions(catalog_path: str | Path | None, interactions_path: str | Path | None):
+    """The interactions that go with a catalog: the file given, else the bundled ratings when the catalog is the
+    bundled one, else None (a custom catalog has no default interactions)."""
+    if interactions_path is None and catalog_path is not None:
+        return None
+    return load_interactions(interactions_path)

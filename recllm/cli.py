@@ -18,6 +18,8 @@ import sys
 from functools import cached_property
 
 from recllm.errors import InputError, RecllmError
+from recllm.options import EngineOptions
+from recllm.request import DEFAULT_K
 
 DEMO_USERS = ("1", "2", "3")  # sample users of the bundled MovieLens for `recllm demo`
 
@@ -40,12 +42,9 @@ class Session:
     @cached_property
     def interactions(self):
         """The interactions file given, else the bundled ratings when the catalog is the bundled one."""
-        from recllm.catalog import load_interactions
+        from recllm.catalog import default_interactions
 
-        path = getattr(self.args, "interactions", None)
-        if path is None and getattr(self.args, "catalog", None) is not None:
-            return None  # a custom catalog has no default interactions
-        return load_interactions(path)
+        return default_interactions(getattr(self.args, "catalog", None), getattr(self.args, "interactions", None))
 
     @cached_property
     def store(self):
@@ -82,13 +81,10 @@ def note(message: str) -> None:
 
 
 def add_catalog_args(parser: argparse.ArgumentParser, interactions: bool = False) -> None:
-    parser.add_argument("--catalog", metavar="PATH", help="catalog CSV/JSONL or MovieLens folder "
-                        "(default: the bundled MovieLens ml-latest-small)")
-    if interactions:
-        parser.add_argument("--interactions", metavar="PATH", help="interactions CSV user_id,item_id,timestamp"
-                            " (default: the bundled ratings, with the bundled catalog only)")
-    parser.add_argument("--chroma-url", metavar="URL", help="a Chroma server, http://host:port "
-                        "(default: the embedded store under $RECLLM_HOME)")
+    """--catalog, --chroma-url (and --interactions), as `options.EngineOptions` defines them."""
+    from recllm.options import EngineOptions
+
+    EngineOptions.add_arguments(parser, interactions=interactions, ranking=False, explain=False)
 
 
 def add_filter_args(parser: argparse.ArgumentParser) -> None:
@@ -189,34 +185,11 @@ def history_from_args(session: Session, user: str | None, history: str | None) -
     return ids
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Options of the ranking engine (model, adapter, ranker, explanations)."""
-    parser.add_argument("--ranker", choices=("llm", "none"), default=os.environ.get("RECLLM_RANKER", "llm"),
-                        help="llm: the language model re-ranks the retriever's candidates (default; "
-                             "$RECLLM_RANKER overrides); none: retriever order")
-    parser.add_argument("--model", metavar="ID", help="Hugging Face causal LM id (local cache) or folder "
-                        "(default: the packaged SmolLM2-135M-Instruct)")
-    parser.add_argument("--adapter", metavar="PATH", default="auto",
-                        help="LoRA adapter folder or name under adapters/; 'auto' (default): the shipped one "
-                             "for the default model; 'none': no adapter")
-    parser.add_argument("--allow-mismatch", action="store_true",
-                        help="load an adapter trained on another base model or prompt (a warning, not an error)")
-    parser.add_argument("--fusion-weight", type=float, metavar="W",
-                        help="LLM share of the final score, 0..1 (default: the adapter's, else 0.5)")
-    parser.add_argument("--explain", type=int, default=3, metavar="N", help="explain the top N items (default 3)")
-
-
 def engine_from_args(args: argparse.Namespace):
-    """A `Recommender` from --catalog/--interactions/--chroma-url and the engine options."""
-    from recllm.engine import Recommender
+    """The `Recommender` the parsed options describe (`options.EngineOptions`)."""
+    from recllm.options import EngineOptions
 
-    adapter = getattr(args, "adapter", "auto")
-    return Recommender(
-        getattr(args, "catalog", None), getattr(args, "interactions", None),
-        chroma_url=getattr(args, "chroma_url", None), model=getattr(args, "model", None),
-        adapter=None if adapter in (None, "none") else adapter, ranker=getattr(args, "ranker", "llm"),
-        explain=getattr(args, "explain", 3), fusion_weight=getattr(args, "fusion_weight", None),
-        allow_mismatch=getattr(args, "allow_mismatch", False), progress=not getattr(args, "quiet", False))
+    return EngineOptions.from_args(args).build()
 
 
 def request_from_args(args: argparse.Namespace, rec):
@@ -271,12 +244,12 @@ def run_index(args) -> int:
 def add_who(parser: argparse.ArgumentParser) -> None:
     who = parser.add_mutually_exclusive_group()
     who.add_argument("--user", metavar="ID", help="a user id from the interactions")
-    who.add_argument("--history", metavar='"A|B|C"', help="item ids or titles, oldest first, separated by |")
+    who.add_argument("--history", metavar='"A|B|C"', help="titles (or id:ITEM_ID), oldest first, separated by |;"
+                     " a bare number is a title first (300 is the film 300), then an item id")
     parser.add_argument("--query", metavar="TEXT", help="what to look for, in words (blended with the history)")
-    parser.add_argument("-k", type=positive_int, default=10, help="how many items (default 10)")
+    parser.add_argument("-k", type=positive_int, default=DEFAULT_K, help=f"how many items (default {DEFAULT_K})")
     add_filter_args(parser)
-    add_catalog_args(parser, interactions=True)
-    add_engine_args(parser)
+    EngineOptions.add_arguments(parser)
     add_output_args(parser)
 
 
@@ -292,9 +265,11 @@ def _engine_and_result(args):
         args.parser.error("one of --user, --history or --query is required")
     rec = engine_from_args(args)
     result = rec.recommend(request_from_args(args, rec))
-    if result.trace.get("unknown"):
-        note(f"skipped {len(result.trace['unknown'])} unknown item(s): "
-             f"{', '.join(map(repr, result.trace['unknown']))}")
+    if result.unknown:
+        note(f"skipped {len(result.unknown)} unknown item(s): {', '.join(map(repr, result.unknown))}")
+    for found in result.ambiguous:
+        note(f"{found.ref!r} read as the title {rec.catalog.get(found.item_id).label}, not {found.other}; "
+             f"write {found.other.split(' ')[0]} for the item id")
     return rec, result
 
 
@@ -314,14 +289,16 @@ def _json_default(value):
 
 def add_why(sub) -> None:
     parser = sub.add_parser("why", help="why was ITEM recommended (or not) for this user/history?")
-    parser.add_argument("item", metavar="ITEM", help="an item id, a title, or #N for the N-th recommendation")
+    parser.add_argument("item", metavar="ITEM", help="a title, id:ITEM_ID, #N for the N-th recommendation, "
+                        "or a question (\"why not Heat?\")")
+    parser.add_argument("--details", action="store_true", help="add the raw scores to the answer")
     add_who(parser)
     parser.set_defaults(func=run_why, parser=parser)
 
 
 def run_why(args) -> int:
     rec, result = _engine_and_result(args)
-    print(rec.why(args.item, result))
+    print(rec.why(args.item, result, details=args.details))
     return 0
 
 
@@ -389,7 +366,7 @@ def add_eval(sub) -> None:
     parser.add_argument("--retriever", nargs="+", metavar="DIR",
                         help="fitted retriever folder(s) fitted on this split (default: fit one per seed)")
     parser.add_argument("--phase", choices=("test", "valid"), default="test")
-    parser.add_argument("--out", metavar="DIR", help="write report.json, report.md and report.png here")
+    parser.add_argument("--out", metavar="DIR", help="write report.json, report.md, report.png and ranks.npz here")
     add_output_args(parser)
     parser.set_defaults(func=run_eval)
 

@@ -10,101 +10,24 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from recllm import paths
-from recllm.catalog import Catalog, Interactions, load_catalog, load_interactions
+from recllm.catalog import Catalog, Interactions, default_interactions, load_catalog
 from recllm.errors import EmptyHistory, InputError, RecllmError, RequestTimeout
+from recllm.request import DEFAULT_EXPLAIN, Engine, Limits, Recommendation, Request, Result
 from recllm.retrieve import Candidate, Filters
 
+__all__ = ["Engine", "Limits", "Recommendation", "Recommender", "Request", "Result", "default_adapter"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Request limits, all in one place (documented in the README). Exceeding one gives an `InputError` with a
-    one-line message (a request past `timeout_s`: `RequestTimeout`). `Limits.from_env()` reads overrides from
-    environment variables named `RECLLM_` + the field name in capitals (`RECLLM_TIMEOUT_S=30`, `RECLLM_MAX_K=20`);
-    the engine uses it when no `limits` are given, and batch files are checked with it."""
-
-    max_k: int = 50  # recommendations per request
-    max_history: int = 500  # history references per request
-    max_query_chars: int = 2000  # characters of free text per request (and of a batch message or question)
-    max_message_chars: int = 1000  # characters of one chat message
-    max_messages: int = 100  # turns in a batch row's `messages`
-    max_ref_chars: int = 300  # characters of one history reference in a batch row
-    max_row_bytes: int = 1_000_000  # bytes of one batch input line
-    candidates: int = 20  # candidates the LLM ranks (letters (A)..(T))
-    timeout_s: float = 60.0  # seconds one recommend or explain call may take (a call for n requests: n times this)
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise InputError(f"limit {f.name} must be a number above 0, not {value!r}")
-        if self.candidates > 20:
-            raise InputError(f"limit candidates must be at most 20 (letters (A)..(T)), not {self.candidates}")
-
-    @classmethod
-    def from_env(cls, environ=None) -> Limits:
-        """The defaults, with each `RECLLM_<FIELD>` environment variable that is set taking precedence."""
-        environ = os.environ if environ is None else environ
-        values = {}
-        for f in fields(cls):
-            name = f"RECLLM_{f.name.upper()}"
-            raw = (environ.get(name) or "").strip()
-            if raw:
-                try:
-                    values[f.name] = type(f.default)(raw)
-                except ValueError:
-                    kind = "a whole number" if isinstance(f.default, int) else "a number"
-                    raise InputError(f"{name} must be {kind}, not {raw!r}") from None
-        return cls(**values)
-
-
-@dataclass
-class Request:
-    """One recommendation request (a CLI call, a batch row or a chat turn)."""
-
-    user: str | None = None  # a user id in the interactions
-    history: list[str] = field(default_factory=list)  # item ids or titles, oldest first (after the user's own)
-    query: str | None = None  # free text ("a funny space movie for kids")
-    k: int = 10
-    filters: Filters | None = None
-    explain: int | None = None  # how many of the top items get an explanation (None: the engine default)
-
-
-@dataclass
-class Recommendation:
-    item_id: str
-    title: str  # Item.label
-    score: float  # final (fused) score, higher is better
-    explanation: str = ""  # "" for items beyond the explained top n
-    rank: int = 0  # 1-based
-
-    def to_dict(self) -> dict:
-        return {"item_id": self.item_id, "title": self.title, "score": round(self.score, 6),
-                "explanation": self.explanation, "rank": self.rank}
-
-
-@dataclass
-class Result:
-    recommendations: list[Recommendation]
-    trace: dict
-
-    def to_dict(self, trace: bool = True) -> dict:
-        out = {"recommendations": [r.to_dict() for r in self.recommendations]}
-        if trace:
-            out["trace"] = self.trace
-        return out
 
 
 class Recommender:
@@ -112,7 +35,7 @@ class Recommender:
 
     def __init__(self, catalog: Catalog | str | Path | None = None, interactions: Interactions | str | Path | None = None,
                  *, chroma_url: str | None = None, model: str | None = None, adapter: str | Path | None = "auto",
-                 ranker: str = "llm", explain: int = 3, fusion_weight: float | None = None,
+                 ranker: str = "llm", explain: int = DEFAULT_EXPLAIN, fusion_weight: float | None = None,
                  allow_mismatch: bool = False, progress: bool = True, lm=None, limits: Limits | None = None,
                  collaborative: bool = True):
         from recllm.embed import get_embedder
@@ -122,15 +45,14 @@ class Recommender:
         if ranker not in ("llm", "none"):
             raise InputError(f"unknown ranker {ranker!r} (choose llm or none)")
         self.catalog = catalog if isinstance(catalog, Catalog) else load_catalog(catalog)
-        if interactions is None and self.catalog.name == "ml-latest-small" and catalog is None:
-            interactions = load_interactions()
-        self.interactions = (interactions if isinstance(interactions, Interactions) or interactions is None
-                             else load_interactions(interactions))
+        if not isinstance(interactions, Interactions):
+            interactions = default_interactions(catalog, interactions)
+        self.interactions = interactions
         self.limits = limits or Limits.from_env()
         self.ranker_kind = ranker
         self.explain_n = explain
         self.progress = progress
-        self._model_args = (model, adapter, fusion_weight, allow_mismatch)
+        self._model_args = (model, adapter_choice(adapter), fusion_weight, allow_mismatch)
         self._lm = lm
         self._ranker = None
         self._explainer = None
@@ -181,11 +103,19 @@ class Recommender:
 
     @property
     def explainer(self):
+        """Phrases explanations with the language model (the plain sentence only with ranker='none')."""
         if self._explainer is None:
             from recllm.explain import Explainer
 
-            self._explainer = Explainer(self.lm, titles=[i.title for i in self.catalog])
+            self._explainer = Explainer(self.lm, titles=self.plain_explainer.matcher)
         return self._explainer
+
+    @cached_property
+    def plain_explainer(self):
+        """The evidence sentence without a model (requests with no history to phrase from)."""
+        from recllm.explain import Explainer
+
+        return Explainer(None, titles=[i.title for i in self.catalog])
 
     def warm(self) -> None:
         """Load the model (and build the ranker) now instead of at the first request."""
@@ -198,39 +128,31 @@ class Recommender:
             "model": lm.model_id if lm is not None else (None if self.ranker_kind == "none" else "not loaded yet"),
             "adapter": lm.adapter_id if lm is not None else None,
             "retriever": "content+" + self.collaborative.kind if self.collaborative is not None else "content",
-            "store": self.store.where if hasattr(self.store, "where") else "chroma",
+            "store": self.store.where,
         }
 
     # ------------------------------------------------------------------ requests
 
-    def _check(self, request: Request) -> None:
-        lim = self.limits
-        if not isinstance(request.k, int) or isinstance(request.k, bool) or not 1 <= request.k <= lim.max_k:
-            raise InputError(f"k must be a whole number from 1 to {lim.max_k}, not {request.k!r}")
-        if len(request.history) > lim.max_history:
-            raise InputError(f"history has {len(request.history)} items; the limit is {lim.max_history}")
-        if request.query is not None and len(request.query) > lim.max_query_chars:
-            raise InputError(f"text is {len(request.query)} characters long; the limit is {lim.max_query_chars}")
-        if request.explain is not None and not 0 <= request.explain <= request.k:
-            raise InputError(f"explain must be from 0 to k ({request.k}), not {request.explain}")
-
-    def _history(self, request: Request) -> tuple[list[str], list[str]]:
-        """(history item ids oldest first, references that matched no item)."""
+    def _history(self, request: Request) -> _History:
+        """The item ids to recommend from, oldest first, and how the references were read."""
         ids: list[str] = []
         if request.user is not None:
             ids = self.retriever.user_history(str(request.user))
         unknown: list[str] = []
+        ambiguous: list = []
         if request.history:
-            extra, unknown = self.catalog.resolve_many(str(h) for h in request.history)
+            extra, unknown, ambiguous = self.catalog.lookup_many(str(h) for h in request.history)
             ids = ids + [i for i in extra if i not in ids]
         if not ids and not (request.query and request.query.strip()):
             shown = ", ".join(repr(u[:60]) for u in unknown[:5])
             raise EmptyHistory("nothing to recommend from: " + (
                 f"none of the history items is in catalog {self.catalog.name} ({shown})" if unknown
                 else "give a user, some liked titles or a description of what you want"))
-        return ids, unknown
+        return _History(ids, unknown, ambiguous)
 
     def _retrieve(self, request: Request, history: list[str]) -> list[Candidate]:
+        from recllm.rank import zscore
+
         n = max(request.k, self.limits.candidates) if self.ranker_kind == "llm" else request.k
         if history:
             return self.retriever.retrieve(history=history, k=n, filters=request.filters, query=request.query)
@@ -240,7 +162,7 @@ class Recommender:
             return hits[:n]
         content = np.array([c.score for c in hits])
         pop = np.log1p(np.array([self._popularity.get(c.item_id, 0) for c in hits], dtype=float))
-        fused = _z(content) + 0.5 * _z(pop)  # the text match leads; popularity breaks near-ties
+        fused = zscore(content) + 0.5 * zscore(pop)  # the text match leads; popularity breaks near-ties
         order = sorted(range(len(hits)), key=lambda i: (-fused[i], i))[:n]
         return [replace(hits[i], score=float(fused[i]), signals={**hits[i].signals, "popularity": float(pop[i])})
                 for i in order]
@@ -263,34 +185,35 @@ class Recommender:
         prepared: list = []
         for request in requests:
             try:
-                self._check(request)
+                self.limits.check(request)
                 t0 = time.perf_counter()
-                history, unknown = self._history(request)
-                candidates = self._retrieve(request, history)
-                prepared.append((request, history, unknown, candidates, time.perf_counter() - t0))
+                history = self._history(request)
+                candidates = self._retrieve(request, history.ids)
+                prepared.append(_Prepared(request, history, candidates, time.perf_counter() - t0))
             except RecllmError as exc:
                 prepared.append(exc)
-        to_rank = [i for i, p in enumerate(prepared)
-                   if not isinstance(p, RecllmError) and p[1] and p[3] and self.ranker is not None]
+        # the LLM ranks only requests with a history to condition on (a cold query keeps retriever order)
+        to_rank = [i for i, p in enumerate(prepared) if isinstance(p, _Prepared) and p.history.ids and p.candidates]
         ranked: dict[int, list] = {}
         t0 = time.perf_counter()
-        if to_rank:
+        if to_rank and self.ranker is not None:
             try:
                 ranks = self.ranker.rank_many([
-                    ([self.catalog.get(h).label for h in prepared[i][1]], prepared[i][3][: self.limits.candidates])
+                    ([self.catalog.get(h).label for h in prepared[i].history.ids],
+                     prepared[i].candidates[: self.limits.candidates])
                     for i in to_rank], deadline=deadline)
                 ranked = dict(zip(to_rank, ranks))
             except RequestTimeout:
                 for i in to_rank:
                     prepared[i] = self._timed_out()
-        rank_seconds = (time.perf_counter() - t0) / max(1, len(to_rank))
+        rank_seconds = (time.perf_counter() - t0) / max(1, len(ranked))
         results: list[Result | RecllmError] = []
         for i, p in enumerate(prepared):
             if isinstance(p, RecllmError):
                 results.append(p)
                 continue
             try:
-                results.append(self._result(*p, ranked.get(i), rank_seconds, deadline))
+                results.append(self._result(p, ranked.get(i), rank_seconds if i in ranked else 0.0, deadline))
             except RecllmError as exc:
                 results.append(exc)
         log.debug("recommend_many: %d requests in %.2fs", len(requests), time.perf_counter() - started)
@@ -300,40 +223,29 @@ class Recommender:
         return RequestTimeout(f"the request ran past its time limit ({self.limits.timeout_s:g} s) and was stopped; "
                               "try again, ask for fewer items, or raise RECLLM_TIMEOUT_S")
 
-    def _result(self, request: Request, history: list[str], unknown: list[str], candidates: list[Candidate],
-                retrieve_seconds: float, ranked, rank_seconds: float, deadline: float | None = None) -> Result:
-        from recllm.rank import Ranked, ranking_trace
-
-        if ranked is None:  # retriever order (ranker none, or nothing to condition the LLM on)
-            ranked = [Ranked(c, float("nan"), c.score) for c in candidates]
-        else:  # candidates past the LLM's 20 keep retriever order after the ranked ones
-            ranked = list(ranked) + [Ranked(c, float("nan"), -math.inf) for c in candidates[len(ranked):]]
-        rows = ranking_trace(ranked, candidates)
-        recs = [Recommendation(r.candidate.item_id, r.candidate.title,
-                               float(r.fused_score) if math.isfinite(r.fused_score) else float(r.candidate.score),
-                               rank=n)
+    def _result(self, p: _Prepared, ranked, rank_seconds: float, deadline: float | None = None) -> Result:
+        request, candidates = p.request, p.candidates
+        prompt_order = [c.item_id for c in candidates[: self.limits.candidates]] if ranked is not None else []
+        ranked = order_scores(candidates, ranked)
+        recs = [Recommendation(r.candidate.item_id, r.candidate.title, r.fused_score, rank=n)
                 for n, r in enumerate(ranked[: request.k], start=1)]
-        trace = {
-            "request": {"user": request.user, "history": list(request.history), "query": request.query,
-                        "k": request.k, "filters": _filters_dict(request.filters)},
-            "history": [{"item_id": h, "title": self.catalog.get(h).label} for h in history],
-            "unknown": unknown,
-            "candidates": rows,
-            "recommendations": [r.to_dict() for r in recs],
-            "ranker": self.ranker.describe() if self.ranker is not None and ranked and history else
-                      {"model": None, "reason": "retriever order" + ("" if history else " (no history)")},
-            "retriever": self.describe()["retriever"],
-            "catalog": {"name": self.catalog.name, "fingerprint": self.catalog.fingerprint},
-            "timings": {"retrieve_s": round(retrieve_seconds, 4),
-                        "rank_s": round(rank_seconds, 4) if ranked and history and self.ranker else 0.0},
-        }
-        result = Result(recs, trace)
+        if ranked and prompt_order:
+            ranker = self.ranker.describe()
+        else:
+            ranker = {"model": None, "reason": "retriever order" + ("" if p.history.ids else " (no history)")}
+        result = Result(
+            request=request, history=list(p.history.ids),
+            history_titles=[self.catalog.get(h).label for h in p.history.ids],
+            ranked=ranked, recommendations=recs, unknown=p.history.unknown, ambiguous=p.history.ambiguous,
+            prompt_order=prompt_order, ranker=ranker, retriever=self.describe()["retriever"],
+            catalog={"name": self.catalog.name, "fingerprint": self.catalog.fingerprint},
+            timings={"retrieve_s": round(p.retrieve_seconds, 4), "rank_s": round(rank_seconds, 4)})
         n = self.explain_n if request.explain is None else request.explain
         t0 = time.perf_counter()
         for rank in range(1, min(n, len(recs)) + 1):
             for _ in self.explain_stream(result, rank, deadline=deadline):
                 pass
-        trace["timings"]["explain_s"] = round(time.perf_counter() - t0, 4)
+        result.timings["explain_s"] = round(time.perf_counter() - t0, 4)
         return result
 
     # ------------------------------------------------------------------ explanations and why
@@ -350,71 +262,103 @@ class Recommender:
 
     def explain_stream(self, result: Result, rank: int, deadline: float | None = None) -> Iterator[str]:
         """Stream the explanation of the recommendation at `rank` (1-based) piece by piece; when done, the
-        validated text is stored in the result and its trace (a rejected draft is replaced by the fallback).
+        validated `Explanation` is the recommendation's `reason` (a rejected draft is replaced by the fallback).
         Generation stops between tokens at `deadline` (`time.monotonic()`; default: `limits.timeout_s` from
-        now) and the fallback is used."""
+        now) and the fallback is used. With no history there is no evidence to phrase: the plain sentence."""
         from recllm.explain import Explanation
 
         if deadline is None:
             deadline = time.monotonic() + self.limits.timeout_s
-
         rec = result.recommendations[rank - 1]
-        history = [h["item_id"] for h in result.trace["history"]]
-        ev = self.evidence(rec.item_id, history)
+        ev = self.evidence(rec.item_id, result.history)
+        explainer = self.explainer if result.history else self.plain_explainer
         final = None
-        for piece in self.explainer.stream(self.catalog.get(rec.item_id), ev, deadline=deadline):
+        for piece in explainer.stream(self.catalog.get(rec.item_id), ev, deadline=deadline):
             if isinstance(piece, Explanation):
                 final = piece
             else:
                 yield piece
-        rec.explanation = final.text
-        result.trace["recommendations"][rank - 1]["explanation"] = final.to_dict()
+        rec.reason = final
         if final.source == "fallback" and final.draft is not None:
             yield "\n" + final.text  # the streamed draft was rejected; the grounded fallback replaces it
 
-    def why(self, item: str, result: Result) -> str:
-        """Answer "why (not) ITEM?" from the trace of `result` (ITEM: id, title, or "#n" for the n-th shown)."""
-        from recllm.explain import why_from_trace
+    def why(self, question: str, result: Result, *, details: bool = False) -> str:
+        """Answer "why (not) X?" from the facts of `result`. `question`: a question ("why did you suggest
+        #2?", "why not Heat?"), read by the chat's own reader (`refs.why_target`), or a bare reference: "#2",
+        "the first one", or an item as `Catalog.lookup` reads it (a title, "id:300"). `details`: add the raw
+        scores."""
+        from recllm.explain import why_answer
+        from recllm.refs import REF_RE, WHY_NOT_RE, Ref, is_why, ref_from_match, why_target
 
-        item = str(item).strip()
-        if item.startswith("#") and item[1:].isdigit():
-            n = int(item[1:])
-            if not 1 <= n <= len(result.recommendations):
-                raise InputError(f"there is no #{n}: {len(result.recommendations)} items were recommended")
-            item_id = result.recommendations[n - 1].item_id
+        text = " ".join(str(question).split())
+        self.limits.check_text("question", text)
+        shown = [r.item_id for r in result.recommendations]
+        if is_why(text) or WHY_NOT_RE.match(text):
+            ref = why_target(text, self.catalog, shown)
+            if ref is None:
+                raise InputError(f"cannot tell which item the question is about: {text[:80]!r}")
         else:
-            item_id = self.catalog.resolve(item)
-            if item_id is None:
-                raise InputError(f"{item[:80]!r} is not a title in catalog {self.catalog.name}")
-        rec = next((r for r in result.recommendations if r.item_id == item_id), None)
-        if rec is not None and not rec.explanation:
+            match = REF_RE.fullmatch(text)
+            ref = ref_from_match(match) if match else Ref(item_id=self.catalog.resolve(text))
+        item_id = ref.item_id
+        if ref.rank is not None:
+            n = len(shown) if ref.rank == -1 else ref.rank
+            if not 1 <= n <= len(shown):
+                raise InputError(f"there is no #{ref.rank}: {len(shown)} items were recommended")
+            item_id = shown[n - 1]
+        elif ref.focus and shown:
+            item_id = shown[0]
+        if item_id is None:
+            raise InputError(f"{text[:80]!r} is not a title in catalog {self.catalog.name}")
+        rec = result.recommendation(item_id)
+        if rec is not None and rec.reason is None:
             for _ in self.explain_stream(result, rec.rank):
                 pass
-        return why_from_trace(item_id, self.catalog.get(item_id).label, result.trace)
-
-    def chat(self, **options):
-        """A new `ChatSession` on this engine (its state is its own; the engine is shared)."""
-        from recllm.chat import ChatSession
-
-        return ChatSession(self, **options)
+        return why_answer(item_id, self.catalog.get(item_id).label, result, details=details)
 
     def search(self, text: str, k: int = 10, filters: Filters | None = None) -> list[Candidate]:
-        if len(text) > self.limits.max_query_chars:
-            raise InputError(f"text is {len(text)} characters long; the limit is {self.limits.max_query_chars}")
+        self.limits.check_text("text", text)
         return self.retriever.search(text, k=k, filters=filters)
 
 
-def _z(x: np.ndarray) -> np.ndarray:
-    std = x.std()
-    return np.zeros_like(x) if std < 1e-12 else (x - x.mean()) / std
+@dataclass
+class _History:
+    ids: list[str]  # item ids, oldest first
+    unknown: list[str]  # references that matched nothing
+    ambiguous: list  # catalog.Resolved: references read one of two ways
 
 
-def _filters_dict(filters: Filters | None) -> dict | None:
-    if filters is None:
+@dataclass
+class _Prepared:
+    request: Request
+    history: _History
+    candidates: list[Candidate]
+    retrieve_seconds: float
+
+
+def order_scores(candidates: list[Candidate], ranked) -> list:
+    """Every candidate as `rank.Ranked`, best first, with ONE score scale per request that falls with rank:
+    the LLM-ranked head keeps its fused z-score; the candidates past it (or all of them, in retriever order)
+    get the retriever's z-score over the whole list, shifted below the head when there is one."""
+    from recllm.rank import Ranked, zscore
+
+    head = list(ranked or [])
+    done = {r.candidate.item_id for r in head}
+    tail = [c for c in candidates if c.item_id not in done]
+    if not tail:
+        return head
+    z = zscore([c.score for c in tail])
+    if head:
+        z = z - z[0] + min(r.fused_score for r in head) - 0.01
+    return head + [Ranked(c, float("nan"), float(s)) for c, s in zip(tail, z)]
+
+
+def adapter_choice(value: str | Path | None) -> str | Path | None:
+    """The one reading of an adapter option: "auto" (or nothing said) = the shipped adapter of the default
+    model; None or "none" = the base model alone; anything else = a folder or a name under adapters/."""
+    if isinstance(value, str) and value.strip().lower() in ("none", ""):
         return None
-    out = asdict(filters)
-    out["exclude_ids"] = sorted(filters.exclude_ids)
-    return out
+    return value
 
 
 def default_adapter(model: str | None) -> Path | None:

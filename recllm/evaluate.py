@@ -1,190 +1,35 @@
-"""Offline evaluation on the LlamaRec protocol: 5-core filter, leave-one-out split, baselines, reports.
+"""Offline evaluation on the LlamaRec protocol: baselines, the fitted retriever, an LLM ranker on its top 20.
 
 Protocol (see ../shared/DESIGN.md):
-- interactions whose item is not in the catalog (so has no title) are dropped; repeated (user, item)
-  pairs keep their first occurrence only, so a held-out item is always new to its user;
-- 5-core on users AND items, repeated until nothing changes;
-- per user, chronological order with ties broken by file row order; last item = test, second to last
-  = validation, the rest = train;
+- the data split (5-core filter, chronological leave-one-out) is `recllm.split`;
 - every system scores ALL items; the user's own history (train, plus the validation item at test) is
   excluded from the ranking, as the product does; ties in score are broken by catalog order;
 - NDCG / Recall / MRR at 5, 10, 20 averaged over ALL users (a miss counts 0).
 
-`run_eval` runs baselines and the collaborative retriever in one go and returns a `Report`.
+`run_eval` runs baselines and the collaborative retriever in one go and returns a `recllm.report.Report`
+(bootstrap intervals over users, paired comparisons with the retriever).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import platform
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from recllm import metrics
-from recllm.errors import CatalogError, InputError
+from recllm.errors import InputError, RecllmError
+from recllm.report import Report
+from recllm.report import build as build_report
+from recllm.split import CONTENT_TEXTS, MIN_COUNT, EvalData, content_matrix, has_timed_tags, load_inputs, prepare
 
-MIN_COUNT = 5  # k of the k-core filter, users and items alike
 HISTORY_LEN = 20  # history items shown to the LLM ranker
 N_CANDIDATES = 20  # retriever candidates handed to the ranker
 SCORE_CHUNK = 1024  # users scored at once (B x N float32 matrix)
-
-
-# ---------------------------------------------------------------- data and split
-
-
-@dataclass
-class EvalData:
-    """A filtered, split dataset. Items and users are dense indices; `item_ids[i]` is the id of item i."""
-
-    name: str
-    item_ids: list[str]  # index -> item id, catalog order
-    user_ids: list[str]  # index -> user id, order of first appearance
-    train: list[np.ndarray]  # per user: item indices, oldest first (all but the last two)
-    valid: np.ndarray  # (U,) validation item per user
-    test: np.ndarray  # (U,) test item per user
-    stats: dict = field(default_factory=dict)
-
-    @property
-    def n_items(self) -> int:
-        return len(self.item_ids)
-
-    @property
-    def n_users(self) -> int:
-        return len(self.user_ids)
-
-    def histories(self, phase: str) -> list[np.ndarray]:
-        """Model input per user: the train sequence (validation) or train + validation item (test)."""
-        if phase == "valid":
-            return self.train
-        if phase == "test":
-            return [np.append(t, v) for t, v in zip(self.train, self.valid)]
-        raise ValueError(f"phase must be 'valid' or 'test', not {phase!r}")
-
-    def targets(self, phase: str) -> np.ndarray:
-        return self.valid if phase == "valid" else self.test
-
-    def train_sequences_ids(self) -> dict[str, list[str]]:
-        """The train split as user -> item ids (what a retriever may be fitted on)."""
-        return {u: [self.item_ids[i] for i in seq] for u, seq in zip(self.user_ids, self.train)}
-
-
-def k_core(sequences: dict[str, list[str]], k: int = MIN_COUNT) -> dict[str, list[str]]:
-    """Keep users and items with at least `k` interactions each, repeating until nothing changes."""
-    seqs = {u: list(s) for u, s in sequences.items() if s}
-    total = sum(len(s) for s in seqs.values())
-    while True:
-        item_counts = Counter(i for s in seqs.values() for i in s)
-        new: dict[str, list[str]] = {}
-        for user, seq in seqs.items():
-            kept = [i for i in seq if item_counts[i] >= k]
-            if len(kept) >= k:
-                new[user] = kept
-        new_total = sum(len(s) for s in new.values())
-        if new_total == total:
-            return new
-        seqs, total = new, new_total
-
-
-def split_sequences(
-    sequences: dict[str, list[str]],
-    item_order: Sequence[str] | None = None,
-    *,
-    name: str = "data",
-    k: int = MIN_COUNT,
-    stats: dict | None = None,
-) -> EvalData:
-    """5-core filter chronological `user -> [item ids]` and split leave-one-out.
-
-    `item_order` fixes item indices (catalog order); items are otherwise numbered by first appearance.
-    Repeated items in a user's sequence keep their first occurrence.
-    """
-    stats = dict(stats or {})
-    deduped: dict[str, list[str]] = {}
-    repeats = 0
-    for user, seq in sequences.items():
-        seen: set[str] = set()
-        out = []
-        for item in seq:
-            if item in seen:
-                repeats += 1
-                continue
-            seen.add(item)
-            out.append(item)
-        deduped[user] = out
-    stats["repeats_dropped"] = repeats
-    stats["before_filter"] = {
-        "users": len(deduped),
-        "items": len({i for s in deduped.values() for i in s}),
-        "interactions": sum(len(s) for s in deduped.values()),
-    }
-    core = k_core(deduped, k)
-    if not core:
-        raise CatalogError(f"{name}: no user has {k} or more interactions after {k}-core filtering")
-    present = {i for s in core.values() for i in s}
-    if item_order is None:
-        item_ids = list(dict.fromkeys(i for s in core.values() for i in s))
-    else:
-        item_ids = [i for i in item_order if i in present]
-    index = {item: n for n, item in enumerate(item_ids)}
-    users = list(core)
-    train, valid, test = [], [], []
-    for user in users:
-        seq = np.fromiter((index[i] for i in core[user]), dtype=np.int64)
-        train.append(seq[:-2])
-        valid.append(seq[-2])
-        test.append(seq[-1])
-    stats.update(
-        users=len(users),
-        items=len(item_ids),
-        interactions=int(sum(len(core[u]) for u in users)),
-        k_core=k,
-    )
-    return EvalData(
-        name=name,
-        item_ids=item_ids,
-        user_ids=users,
-        train=train,
-        valid=np.asarray(valid, dtype=np.int64),
-        test=np.asarray(test, dtype=np.int64),
-        stats=stats,
-    )
-
-
-def prepare(catalog, interactions, *, k: int = MIN_COUNT) -> EvalData:
-    """EvalData from a `Catalog` and `Interactions` (recllm.catalog): the full protocol above."""
-    titled = [item_id for item_id, item in catalog.items.items() if getattr(item, "title", "")]
-    titled_set = set(titled)
-    dropped = 0
-    sequences: dict[str, list[str]] = {}
-    for user, seq in interactions.sequences().items():  # chronological, ties by row order
-        items = []
-        for item, _ts in seq:
-            if item in titled_set:
-                items.append(item)
-            else:
-                dropped += 1
-        if items:
-            sequences[user] = items
-    name = getattr(catalog, "name", "data")
-    return split_sequences(sequences, titled, name=name, k=k, stats={"untitled_dropped": dropped})
-
-
-def load_eval_data(catalog=None, interactions=None) -> EvalData:
-    """Load (paths or objects; None = bundled MovieLens) and prepare."""
-    from recllm.catalog import Catalog, load_catalog, load_interactions
-
-    if not isinstance(catalog, Catalog):
-        catalog = load_catalog(catalog)
-    if interactions is None or isinstance(interactions, (str, Path)):
-        interactions = load_interactions(interactions)
-    return prepare(catalog, interactions)
 
 
 # ---------------------------------------------------------------- scoring systems
@@ -211,11 +56,10 @@ def popularity_scorer(data: EvalData) -> Scorer:
 def transition_scorer(data: EvalData, *, last: int = 3) -> Scorer:
     """Items that followed the user's last `last` items in training (next-item counts), popularity
     breaking ties."""
-    from recllm.signals import TransitionConfig, Transitions, popularity
+    from recllm.signals import TransitionConfig, Transitions, popularity_tiebreak
 
     trans = Transitions.fit(data.train, data.n_items, TransitionConfig(gaps=1, last=last))
-    pop = np.log1p(popularity(data.train, data.n_items)).astype(np.float32)
-    tie = 1e-3 * pop / max(float(pop.max()), 1.0)
+    tie = popularity_tiebreak(data.train, data.n_items)
     return lambda hist: trans.scores(hist) + tie
 
 
@@ -253,9 +97,7 @@ def rank_all(scorer: Scorer, data: EvalData, phase: str = "test", *, n_top: int 
         if scores.shape != (len(hist), data.n_items):
             raise ValueError(f"a scorer returned {scores.shape}, expected {(len(hist), data.n_items)}")
         scores[np.isnan(scores)] = -np.inf
-        for b, h in enumerate(hist):
-            scores[b, h] = -np.inf  # the user's own history is never recommended
-        ranks[lo : lo + len(hist)] = metrics.rank_of_targets(scores, targets[lo : lo + len(hist)])
+        ranks[lo : lo + len(hist)] = metrics.ranks_excluding(scores, hist, targets[lo : lo + len(hist)])
         best = metrics.top_k(scores, n_top)
         finite = np.isfinite(np.take_along_axis(scores, best, axis=1))
         top[lo : lo + len(hist), : best.shape[1]] = np.where(finite, best, -1)
@@ -321,225 +163,7 @@ def llm_ranker(ranker, catalog) -> Ranker:
     return rank
 
 
-# ---------------------------------------------------------------- the report
-
-
-def curves(ranks: np.ndarray, max_k: int = N_CANDIDATES) -> dict[str, list[float]]:
-    """metric@k for k = 1..max_k, for the plot."""
-    return {
-        name: [fn(ranks, k) for k in range(1, max_k + 1)]
-        for name, fn in (("ndcg", metrics.ndcg_at_k), ("recall", metrics.recall_at_k), ("mrr", metrics.mrr_at_k))
-    }
-
-
-def _mean_std(rows: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
-    keys = rows[0].keys()
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
-    std = {k: float(np.std([r[k] for r in rows], ddof=1)) if len(rows) > 1 else 0.0 for k in keys}
-    return mean, std
-
-
-def system_result(per_seed_ranks: list[np.ndarray], *, retrieved: list[np.ndarray] | None = None,
-                  seeds: list[int] | None = None) -> dict:
-    """Metrics over all users (mean and std over seeds) plus, when `retrieved` masks are given, the same
-    metrics on the users whose true item the retriever put in its top 20."""
-    rows = [metrics.summarize(r) for r in per_seed_ranks]
-    mean, std = _mean_std(rows)
-    out: dict = {"metrics": mean, "users": int(len(per_seed_ranks[0]))}
-    if len(rows) > 1:
-        out.update(std=std, per_seed=[dict(seed=s, **r) for s, r in zip(seeds or range(len(rows)), rows)])
-    if retrieved is not None:
-        sub = [metrics.summarize(r[m]) for r, m in zip(per_seed_ranks, retrieved)]
-        sub_mean, sub_std = _mean_std(sub)
-        out["retrieved_subset"] = {
-            "users": [int(m.sum()) for m in retrieved],
-            "metrics": sub_mean,
-            **({"std": sub_std} if len(sub) > 1 else {}),
-        }
-    curve_rows = [curves(r) for r in per_seed_ranks]
-    out["curves"] = {k: list(np.mean([c[k] for c in curve_rows], axis=0)) for k in curve_rows[0]}
-    return out
-
-
-@dataclass
-class Report:
-    """What `recllm eval` prints and writes: per-system metrics, protocol, data, timings."""
-
-    data: dict
-    protocol: dict
-    systems: dict[str, dict]
-    retrievers: list[dict] = field(default_factory=list)
-    timings: dict = field(default_factory=dict)
-    environment: dict = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {
-            "data": self.data,
-            "protocol": self.protocol,
-            "systems": self.systems,
-            "retrievers": self.retrievers,
-            "timings": self.timings,
-            "environment": self.environment,
-            "notes": self.notes,
-        }
-
-    def to_json(self, indent: int = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent, default=_json_default)
-
-    def to_markdown(self) -> str:
-        d = self.data
-        lines = [
-            f"# Evaluation: {d.get('name')} ({self.protocol.get('phase')} split)",
-            "",
-            f"{d.get('users')} users, {d.get('items')} items, {d.get('interactions')} interactions after "
-            f"{self.protocol.get('k_core')}-core filtering. Every user counts; every item is ranked; "
-            f"the user's history is excluded from the ranking.",
-            "",
-            "## All users",
-            "",
-        ]
-        cols = [f"{m}@{k}" for m in metrics.METRICS for k in metrics.KS]
-        lines += _md_table(self.systems, cols, lambda r: (r["metrics"], r.get("std")))
-        subset = {n: r for n, r in self.systems.items() if "retrieved_subset" in r}
-        if subset:
-            lines += ["", "## Users whose true item is in the top 20 (the system's own; for retriever+ranker, "
-                      "the retriever's)", ""]
-            lines += _md_table(
-                subset,
-                ["users"] + cols,
-                lambda r: (dict(r["retrieved_subset"]["metrics"], users=_users(r["retrieved_subset"]["users"])),
-                           r["retrieved_subset"].get("std")),
-            )
-        seeded = {n: r for n, r in self.systems.items() if "per_seed" in r}
-        if seeded:
-            lines += ["", "## Per seed", "", "| system | seed | ndcg@10 | recall@10 | recall@20 |", "|---|---|---|---|---|"]
-            for name, r in seeded.items():
-                for row in r["per_seed"]:
-                    lines.append(f"| {name} | {row['seed']} | {row['ndcg@10']:.4f} | {row['recall@10']:.4f} | "
-                                 f"{row['recall@20']:.4f} |")
-        if self.retrievers:
-            lines += ["", "## Fitted retrievers", ""]
-            for r in self.retrievers:
-                w = ", ".join(f"{k} {v:g}" for k, v in r.get("weights", {}).items())
-                lines.append(f"- seed {r.get('seed')}: fusion weights {w}; seq encoder {r.get('epochs')} epochs "
-                             f"(best {r.get('best_epoch')}), fit {r.get('fit_seconds')} s wall / "
-                             f"{r.get('fit_cpu_seconds')} s CPU; {r.get('path') or ''}")
-        if self.timings:
-            lines += ["", "## Timings (s)", ""]
-            lines += [f"- {k}: {v}" for k, v in self.timings.items()]
-        if self.notes:
-            lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
-        return "\n".join(lines) + "\n"
-
-    def plot(self, path: str | Path) -> Path:
-        """PNG with NDCG@k, Recall@k and MRR@k curves (k = 1..20) for every system."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        path = Path(path)
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-        ks = list(range(1, N_CANDIDATES + 1))
-        for ax, metric in zip(axes, metrics.METRICS):
-            for name, r in self.systems.items():
-                ax.plot(ks, r["curves"][metric], marker=".", label=name)
-            ax.set_xlabel("k")
-            ax.set_title(f"{metric.upper() if metric != 'recall' else 'Recall'}@k")
-            ax.set_xticks([1, 5, 10, 15, 20])
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"{self.data.get('name')}: {self.protocol.get('phase')} split, all users, all items")
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
-
-    def save(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write report.json, report.md and report.png into `out_dir`."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"json": out / "report.json", "markdown": out / "report.md", "plot": out / "report.png"}
-        paths["json"].write_text(self.to_json() + "\n")
-        paths["markdown"].write_text(self.to_markdown())
-        self.plot(paths["plot"])
-        return paths
-
-
-def _users(value) -> str:
-    if isinstance(value, list):
-        return "/".join(str(v) for v in sorted(set(value))) if len(set(value)) > 1 else str(value[0])
-    return str(value)
-
-
-def _md_table(systems: dict, cols: list[str], get) -> list[str]:
-    lines = ["| system | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for name, r in systems.items():
-        vals, std = get(r)
-        cells = []
-        for c in cols:
-            v = vals[c]
-            if isinstance(v, str):
-                cells.append(v)
-            elif std and std.get(c):
-                cells.append(f"{v:.4f} ± {std[c]:.4f}")
-            else:
-                cells.append(f"{v:.4f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def _json_default(obj):
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def _environment() -> dict:
-    env = {"python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform()}
-    try:
-        import torch
-
-        env.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
-    except ImportError:
-        pass
-    return env
-
-
 # ---------------------------------------------------------------- one-command evaluation
-
-
-def content_matrix(data: EvalData, catalog=None, *, vectors=None, embedder=None, progress: bool = True) -> np.ndarray:
-    """(N, D) float32 text vectors aligned to `data.item_ids`.
-
-    `vectors`: precomputed, as a mapping item id -> vector or a pair (ids, (M, D) array); items it
-    lacks get a zero vector. Otherwise `embedder.encode` (default: recllm.embed's packaged model) embeds
-    each catalog item's `text`.
-    """
-    if vectors is not None:
-        if isinstance(vectors, tuple):
-            ids, arr = vectors
-            vectors = dict(zip(ids, np.asarray(arr, dtype=np.float32)))
-        dim = len(next(iter(vectors.values())))
-        out = np.zeros((data.n_items, dim), dtype=np.float32)
-        for n, item in enumerate(data.item_ids):
-            if item in vectors:
-                out[n] = vectors[item]
-        return out
-    if catalog is None:
-        raise InputError("content vectors need the catalog (item texts) or precomputed vectors")
-    if embedder is None:
-        from recllm.embed import get_embedder
-
-        embedder = get_embedder()
-    texts = [catalog.get(i).text for i in data.item_ids]
-    return np.asarray(embedder.encode(texts, progress=progress), dtype=np.float32)
 
 
 def run_eval(
@@ -557,6 +181,8 @@ def run_eval(
     config=None,
     phase: str = "test",
     progress: bool = True,
+    command: str | None = None,
+    notes: Sequence[str] = (),
 ) -> Report:
     """Evaluate baselines and the collaborative retriever (and `ranker` on its top 20) in one run.
 
@@ -571,7 +197,8 @@ def run_eval(
       per seed (`seeds`), saved under `out_dir/retriever-seed<N>` when `out_dir` is given.
     content_vectors / embedder: text vectors for the content signal (see `content_matrix`).
     config: a `seqrec.SeqConfig` for fitting.
-    out_dir: also write report.json, report.md, report.png there.
+    out_dir: also write report.json, report.md, report.png and ranks.npz there (`recllm.report`).
+    command: the command line recorded in the report (default: this process's); notes: lines added to it.
     """
     t0 = time.monotonic()
     systems = list(dict.fromkeys(systems))
@@ -580,44 +207,24 @@ def run_eval(
         raise InputError(f"unknown system {', '.join(unknown)} (choose from {', '.join(DEFAULT_SYSTEMS)})")
     if phase not in ("valid", "test"):
         raise InputError("phase must be valid or test")
-    from recllm.catalog import Catalog, load_catalog, load_interactions
-
-    if not isinstance(catalog, Catalog):
-        catalog = load_catalog(catalog)
-    if interactions is None or isinstance(interactions, (str, Path)):
-        interactions = load_interactions(interactions)
+    catalog, interactions = load_inputs(catalog, interactions)
     data = prepare(catalog, interactions)
     timings = {"load_and_split": round(time.monotonic() - t0, 1)}
-    notes: list[str] = []
+    notes = list(notes)
     need_fit = any(s in SEEDED for s in systems) or ranker is not None
-
-    fitted = []
-    if need_fit:
-        from recllm import seqrec
-
-        if retriever is not None:
-            given = retriever if isinstance(retriever, (list, tuple)) else [retriever]
-            for one in given:
-                if not isinstance(one, seqrec.CollaborativeRetriever):
-                    path = one
-                    one = seqrec.CollaborativeRetriever.load(path)
-                    one.meta["path"] = str(path)
-                seqrec.check_fitted_on(one, data)
-                fitted.append(one)
-            seeds = [int(one.meta.get("seed", 0)) for one in fitted]
+    fitted = _load_retrievers(retriever, data, catalog, notes) if need_fit and retriever is not None else []
+    if fitted:
+        seeds = [int(one.meta.get("seed", 0)) for one in fitted]
     content = None
-    if "content" in systems or (need_fit and retriever is None):
+    if "content" in systems or (need_fit and not fitted):
         if content_vectors is None and fitted and fitted[0].content is not None:
             content = fitted[0].content
         else:
             t = time.monotonic()
             try:
-                content = content_matrix(data, catalog, vectors=content_vectors, embedder=embedder, progress=progress)
-            except Exception as exc:  # no embedding model: run without the content signal, say so
-                from recllm.errors import RecllmError
-
-                if not isinstance(exc, (RecllmError, ImportError)):
-                    raise
+                content = content_matrix(data, catalog, interactions, vectors=content_vectors, embedder=embedder,
+                                         progress=progress)
+            except (RecllmError, ImportError) as exc:  # no embedding model: run without the content signal, say so
                 notes.append(f"content signal skipped: {exc}")
             timings["embed_items"] = round(time.monotonic() - t, 1)
     if need_fit and not fitted:
@@ -625,74 +232,83 @@ def run_eval(
 
         t = time.monotonic()
         for seed in seeds:
-            one = seqrec.fit_on_split(data, seed=seed, config=config, content=content, progress=progress)
+            one = seqrec.fit_on_split(data, seed=seed, config=config, content=content, progress=progress,
+                                      content_texts=CONTENT_TEXTS if content_vectors is None else None)
             if out_dir is not None:
-                one.save(Path(out_dir) / f"retriever-seed{seed}")
-                one.meta["path"] = str(Path(out_dir) / f"retriever-seed{seed}")
+                one.meta["path"] = str(one.save(Path(out_dir) / f"retriever-seed{seed}"))
             fitted.append(one)
         timings["fit_retrievers"] = round(time.monotonic() - t, 1)
 
-    results: dict[str, dict] = {}
+    ranks: dict[str, list[np.ndarray]] = {}  # system -> per seed, each user's target rank
+    top: dict[str, list[Ranking]] = {}
     t = time.monotonic()
-    baselines = {
+    scorers_of = {  # system -> its scorer, or one per fitted retriever (seed)
         "popularity": lambda: popularity_scorer(data),
         "transition": lambda: transition_scorer(data),
         "content": lambda: content_scorer(content) if content is not None else None,
+        "seq": lambda: [one.encoder.scores_idx for one in fitted],
+        "retriever": lambda: [one.scores_idx for one in fitted],
     }
-    for name in systems:
-        if name in baselines:
-            scorer = baselines[name]()
-            if scorer is None:
-                continue
-            ranking = rank_all(scorer, data, phase, progress=progress, desc=name)
-            results[name] = system_result([ranking.ranks], retrieved=[ranking.ranks <= N_CANDIDATES])
-    per_seed: dict[str, list[Ranking]] = {"seq": [], "retriever": []}
-    for one in fitted:
-        if "seq" in systems:
-            per_seed["seq"].append(rank_all(one.encoder.scores_idx, data, phase, progress=progress, desc="seq"))
-        per_seed["retriever"].append(rank_all(one.scores_idx, data, phase, progress=progress, desc="retriever"))
-    for name in ("seq", "retriever"):
-        if name in systems and per_seed[name]:
-            rk = per_seed[name]
-            results[name] = system_result([r.ranks for r in rk], retrieved=[r.ranks <= N_CANDIDATES for r in rk],
-                                          seeds=list(seeds))
+    for name in [s for s in systems if s != "retriever"] + (["retriever"] if fitted else []):
+        scorers = scorers_of[name]()
+        if scorers:
+            top[name] = [rank_all(sc, data, phase, progress=progress, desc=name)
+                         for sc in (scorers if isinstance(scorers, list) else [scorers])]
+            ranks[name] = [r.ranks for r in top[name]]
+    retrieved = {name: [r.ranks <= N_CANDIDATES for r in rk] for name, rk in top.items()}
     timings["score"] = round(time.monotonic() - t, 1)
     rankers = ranker if isinstance(ranker, dict) else ({ranker_name: ranker} if ranker is not None else {})
     for name, one_ranker in rankers.items():
         t = time.monotonic()
-        base = per_seed["retriever"]
-        reranked = [rerank(r, data, one_ranker, phase, scorer=f.scores_idx, progress=progress)
-                    for r, f in zip(base, fitted)]
-        results[f"retriever+{name}"] = system_result(
-            reranked, retrieved=[r.ranks <= N_CANDIDATES for r in base], seeds=list(seeds)
-        )
+        ranks[f"retriever+{name}"] = [rerank(r, data, one_ranker, phase, scorer=f.scores_idx, progress=progress)
+                                      for r, f in zip(top["retriever"], fitted)]
+        retrieved[f"retriever+{name}"] = retrieved["retriever"]
         timings[f"rank {name}" if len(rankers) > 1 else "rank"] = round(time.monotonic() - t, 1)
+    if "retriever" not in systems:  # fitted only to feed the rankers: not a system of this report
+        ranks.pop("retriever", None)
     timings["total"] = round(time.monotonic() - t0, 1)
-    report = Report(
+    report = build_report(
+        ranks, retrieved, seeds=list(seeds), user_ids=data.user_ids, command=command,
         data={"name": data.name, **data.stats},
-        protocol={
-            "phase": phase,
-            "k_core": MIN_COUNT,
-            "split": "chronological leave-one-out: last = test, second to last = validation, rest = train",
-            "ties": "timestamp ties broken by file row order; score ties by catalog order",
-            "ranking": "all items; the user's own history (train + validation item at test) excluded",
-            "users": "all users; a miss counts 0",
-            "repeats": "a repeated (user, item) keeps its first occurrence",
-            "history_len_ranker": HISTORY_LEN,
-            "history_len_retriever": "the sequential encoder reads the newest max_len items (see retrievers), "
-            "the transition signal its newest `last`, content the newest 20; the whole history is excluded",
-            "candidates": N_CANDIDATES,
-            "ks": list(metrics.KS),
-        },
-        systems=results,
-        retrievers=[_fitted_summary(f) for f in fitted],
-        timings=timings,
-        environment=_environment(),
-        notes=notes,
+        protocol=dict(PROTOCOL, phase=phase, k_core=MIN_COUNT, history_len_ranker=HISTORY_LEN,
+                      candidates=N_CANDIDATES, ks=list(metrics.KS)),
+        retrievers=[_fitted_summary(f) for f in fitted], timings=timings, notes=notes,
     )
     if out_dir is not None:
         report.save(out_dir)
     return report
+
+
+PROTOCOL = {
+    "split": "chronological leave-one-out: last = test, second to last = validation, rest = train",
+    "ties": "timestamp ties broken by file row order; score ties by catalog order",
+    "ranking": "all items; the user's own history (train + validation item at test) excluded",
+    "users": "all users; a miss counts 0",
+    "repeats": "a repeated (user, item) keeps its first occurrence",
+    "history_len_retriever": "the sequential encoder reads the newest max_len items (see retrievers), "
+    "the transition signal its newest `last`, content the newest 20; the whole history is excluded",
+    "item_text": "MovieLens tags counted from train-side tag events only (recllm.split.train_side_tags)",
+}
+
+
+def _load_retrievers(retriever, data: EvalData, catalog, notes: list[str]) -> list:
+    """Fitted retrievers (folders or loaded) checked against this split; a note for content vectors
+    embedded before item tags were counted train-side only."""
+    from recllm import seqrec
+
+    fitted = []
+    for one in retriever if isinstance(retriever, (list, tuple)) else [retriever]:
+        if not isinstance(one, seqrec.CollaborativeRetriever):
+            path = one
+            one = seqrec.CollaborativeRetriever.load(path)
+            one.meta["path"] = str(path)
+        seqrec.check_fitted_on(one, data)
+        if one.content is not None and one.meta.get("content_texts") != CONTENT_TEXTS and has_timed_tags(catalog):
+            notes.append(f"{one.meta.get('path') or 'a fitted retriever'}: its content vectors were embedded from item "
+                         "texts with tags counted over ALL tag events (an older fit), held-out ones included; its "
+                         "figures may carry that small leak")
+        fitted.append(one)
+    return fitted
 
 
 def _fitted_summary(fitted) -> dict:

@@ -1,5 +1,5 @@
 """Grounded explanations: evidence from the user's own history, LLM phrasing, a validator, a plain fallback,
-and "why" answers built from a request's trace.
+and "why" answers built from a request's result.
 
 Evidence for a recommended item = the `n` history items whose vectors are most similar to it (cosine) plus the
 genres/tags it shares with them. The LLM phrases one sentence from that evidence (prompts/explain.txt); the
@@ -7,13 +7,7 @@ validator rejects text that is empty, degenerate (repetition), too long, or name
 the recommended item and the evidence titles, and then the fallback sentence (prompts/explain_fallback*.txt)
 is used: it is built only from the evidence, so it never claims an item the user does not have.
 
-Title matching (`TitleMatcher`): words compared after removing accents and punctuation, at word boundaries,
-case-insensitively, with three guards against ordinary phrases being taken for titles (otherwise almost any
-sentence would "name" a movie): a title of two or more words counts when one of its significant (non-stop)
-words is capitalised or it has three or more significant words ("superhero movie" is not "Superhero Movie",
-"toy Story" and "back to the future part iii" count); a one-word title counts only when written with its own
-capitalisation ("Heat", not "the heat"); one-word titles that are common English words ("It", "Her", "Up")
-or of one or two characters are not matched at all.
+Titles named in generated text are found by `recllm.titles.TitleMatcher` (the rules are documented there).
 """
 
 from __future__ import annotations
@@ -21,7 +15,6 @@ from __future__ import annotations
 import math
 import re
 import time
-import unicodedata
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,22 +23,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from recllm.prompts import has_role_tag, join_and, load_prompt, sanitize
+from recllm.titles import TitleMatcher, named_titles_outside  # noqa: F401 - re-exported for callers
+from recllm.titles import words as _words
 
 if TYPE_CHECKING:  # pragma: no cover
     from recllm.catalog import Item
     from recllm.llm import LM
+    from recllm.request import Result
 
 EXPLAIN_VARIABLES = frozenset({"item", "liked", "shared"})
 MAX_SHARED = 3  # genres/tags named in an explanation
-# One-word titles that are ordinary words in a sentence: never treated as naming a title.
-STOPWORDS = frozenset("""
-a about after again against all am an and any are as at be because been before being below between both but by
-can did do does doing down during each few for from further had has have having he her here hers herself him
-himself his how i if in into is it its itself just me more most my myself no nor not now of off on once only or
-other our ours ourselves out over own same she should so some such than that the their theirs them themselves
-then there these they this those through to too under until up very was we were what when where which while who
-whom why will with you your yours yourself yourselves us one two three yes go run big new love life home
-""".split())
 
 
 @dataclass
@@ -130,92 +117,7 @@ def _shared(item: Item, chosen: Sequence[Item], history: Sequence[Item], limit: 
     return tuple(x for x in shared if x and x != "(no genres listed)")[:limit]
 
 
-# -- title matching and validation ---------------------------------------------------------------------------
-def _words(text: str) -> list[str]:
-    text = unicodedata.normalize("NFKD", text)
-    return re.findall(r"\w+", "".join(c for c in text if not unicodedata.combining(c)))
-
-
-def _looks_like_a_title(words: Sequence[str]) -> bool:
-    """A phrase of 2+ words names a title when one of its significant words is capitalised, or when it has 3+
-    significant words ("superhero movie" and "the game" are ordinary phrases; "Toy Story" is a title)."""
-    significant = [w for w in words if w.lower() not in STOPWORDS] or list(words)
-    return len(significant) >= 3 or any(w[:1].isupper() for w in significant)
-
-
-class TitleMatcher:
-    """Finds catalog titles named in a text (see module doc for the matching rules)."""
-
-    def __init__(self, titles: Iterable[str]) -> None:
-        self._index: dict[str, list[tuple[tuple[str, ...], str]]] = {}
-        self._titles: set[str] = set()
-        for title in titles:
-            self.add(title, sort=False)
-        for bucket in self._index.values():
-            bucket.sort(key=lambda kt: -len(kt[0]))  # longest titles first
-
-    def add(self, title: str, sort: bool = True) -> None:
-        if not title or title in self._titles:
-            return
-        self._titles.add(title)
-        key = tuple(w.lower() for w in _words(title))
-        if not key or (len(key) == 1 and (len(key[0]) <= 2 or key[0] in STOPWORDS)):
-            return
-        bucket = self._index.setdefault(key[0], [])
-        bucket.append((key, title))
-        if sort:
-            bucket.sort(key=lambda kt: -len(kt[0]))
-
-    def __contains__(self, title: str) -> bool:
-        key = tuple(w.lower() for w in _words(title))
-        return any(k == key for k, _ in self._index.get(key[0] if key else "", []))
-
-    def spans(self, text: str) -> list[tuple[int, int, str]]:
-        """(first word, end word, title) of every title occurrence in `text`."""
-        words = _words(text)
-        lower = [w.lower() for w in words]
-        found = []
-        for i, word in enumerate(lower):
-            for key, title in self._index.get(word, ()):
-                if tuple(lower[i:i + len(key)]) != key:
-                    continue
-                if len(key) == 1 and words[i] != _words(title)[0]:
-                    continue  # one-word titles only with their own capitalisation
-                if len(key) > 1 and not _looks_like_a_title(words[i:i + len(key)]):
-                    continue
-                found.append((i, i + len(key), title))
-        return found
-
-    def find(self, text: str) -> list[str]:
-        return list(dict.fromkeys(t for _, _, t in self.spans(text)))
-
-    def with_titles(self, titles: Iterable[str]) -> TitleMatcher:
-        """A copy that also knows `titles`."""
-        out = TitleMatcher([])
-        out._index = {k: list(v) for k, v in self._index.items()}
-        out._titles = set(self._titles)
-        for title in titles:
-            out.add(title)
-        return out
-
-
-def named_titles_outside(text: str, allowed: Collection[str], matcher: TitleMatcher) -> list[str]:
-    """Titles `text` names that are not in `allowed` (a title inside an allowed one, e.g. "Toy Story" in
-    "Toy Story 2", does not count)."""
-    local = matcher.with_titles(allowed)
-    allowed_keys = {tuple(w.lower() for w in _words(t)) for t in allowed}
-    spans = local.spans(text)
-    allowed_spans = [(a, b) for a, b, t in spans if tuple(w.lower() for w in _words(t)) in allowed_keys]
-    bad = []
-    for a, b, title in spans:
-        if tuple(w.lower() for w in _words(title)) in allowed_keys:
-            continue
-        if any(x <= a and b <= y for x, y in allowed_spans):
-            continue
-        bad.append(title)
-    return list(dict.fromkeys(bad))
-
-
+# -- validation ------------------------------------------------------------------------------------------------
 def is_degenerate(text: str) -> bool:
     """Repetition or junk: a repeated 4-word run, a word 3 times in a row, few distinct words, little text."""
     words = [w.lower() for w in _words(text)]
@@ -405,38 +307,27 @@ def _fmt(value: Any) -> str:
     return "-" if math.isnan(number) else f"{number:.2f}"
 
 
-def why_answer(item_id: str, title: str, *, candidates: Sequence[dict], shown: int,
-               history_ids: Collection[str] = (), reason: str | None = None) -> str:
-    """Plain-text answer to "why (not) <title>?" from the facts of one request.
-
-    `candidates`: `rank.ranking_trace` rows, best first (every candidate that was ranked); `shown`: how many
-    of them were recommended; `history_ids`: the user's history used; `reason`: the item's explanation text.
-    """
+def why_answer(item_id: str, title: str, result: Result, *, details: bool = False) -> str:
+    """Plain-text answer to "why (not) <title>?" from the facts of one request (`request.Result`): in the
+    history, never retrieved, recommended (with its reason) or ranked below the shown ones. `details`: add the
+    raw scores (prompts/why_scores.txt)."""
     name = sanitize(title)
-    if item_id in set(history_ids):
+    if item_id in set(result.history):
         return load_prompt("why_in_history", {"title"}).render(title=name)
-    row = next((r for r in candidates if r.get("item_id") == item_id), None)
+    rows = result.candidate_rows()
+    row = next((r for r in rows if r["item_id"] == item_id), None)
     if row is None:
         return load_prompt("why_not_candidate", {"title", "n_candidates"}).render(
-            title=name, n_candidates=len(candidates))
-    values = {"title": name, "rank": row.get("rank", candidates.index(row) + 1), "shown": shown,
-              "n_candidates": len(candidates), "llm_score": _fmt(row.get("llm_score")),
-              "retriever_score": _fmt(row.get("retriever_score")), "fused_score": _fmt(row.get("fused_score"))}
-    if int(values["rank"]) <= shown:
-        return " ".join(load_prompt("why").render(reason=sanitize(reason or ""), **values).split())
-    return load_prompt("why_not_recommended").render(**values)
-
-
-def why_from_trace(item_id: str, title: str, trace: dict) -> str:
-    """`why_answer` reading a trace dict with keys `candidates` (ranking_trace rows), `recommendations`
-    (list of dicts with `item_id` and optional `explanation` text or dict), optional `history` (item ids)."""
-    recs = trace.get("recommendations") or []
-    reason = None
-    for rec in recs:
-        if rec.get("item_id") == item_id:
-            exp = rec.get("explanation")
-            reason = exp.get("text") if isinstance(exp, dict) else exp
-    history = [h if isinstance(h, str) else h.get("item_id") for h in trace.get("history") or []]
-    return why_answer(item_id, title, candidates=trace.get("candidates") or [], shown=len(recs),
-                      history_ids=history, reason=reason)
-
+            title=name, n_candidates=len(rows))
+    shown = len(result.recommendations)
+    values = {"title": name, "rank": row["rank"], "shown": shown, "n_candidates": len(rows)}
+    if row["rank"] <= shown:
+        rec = result.recommendation(item_id)
+        text = load_prompt("why").render(reason=sanitize(rec.explanation if rec else ""), **values)
+    else:
+        text = load_prompt("why_not_recommended").render(**values)
+    if details:
+        text += " " + load_prompt("why_scores").render(
+            llm_score=_fmt(row["llm_score"]), retriever_score=_fmt(row["retriever_score"]),
+            fused_score=_fmt(row["fused_score"]))
+    return " ".join(text.split())

@@ -4,22 +4,22 @@ A chat that starts from a user id (the app's "Start from this user") records tha
 replies and their 👍/👎 in one JSON-lines file, `<home>/memory/<catalog>/<digest of the user id>.jsonl`;
 the next session for the same user starts with those likes and dislikes. Anonymous chats are not recorded.
 
-Each record is one whole line written with a single `os.write` on an O_APPEND descriptor, so two sessions of
-one person never interleave bytes and a process killed mid-write leaves at most one torn last line, which is
-skipped on reading. File names are digests, so user ids never appear in paths. `forget(user)` deletes that
-person's files under every catalog: this folder is the only place recllm keeps anything about a person
-(the Chroma store holds catalog items only, and batch outputs are files the caller named).
+Each record is one whole line appended with `recllm.jsonl` (one `os.write` on an O_APPEND descriptor), so
+two sessions of one person never interleave bytes and a process killed mid-write leaves at most one torn
+last line, which is skipped on reading. File names are digests, so user ids never appear in paths.
+`forget(user)` deletes that person's files under every catalog: this folder is the only place recllm keeps
+anything about a person (the Chroma store holds catalog items only, and batch outputs are files the caller
+named).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
-from recllm import paths
+from recllm import jsonl, paths
 from recllm.errors import InputError
 
 MAX_USER_CHARS = 200  # a user id longer than this is refused
@@ -64,13 +64,8 @@ class Memory:
         row = {"t": round(time.time(), 3), "user": user, **record}
         if isinstance(row.get("content"), str):
             row["content"] = row["content"][:MAX_RECORD_CHARS]
-        line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path(user), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+        jsonl.append(self.path(user), row, mode=0o600)
 
     def records(self, user: object) -> list[dict]:
         """`user`'s records, oldest first (a torn or foreign line is skipped)."""

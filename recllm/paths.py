@@ -89,19 +89,30 @@ def _running(pid: int) -> bool:
     return True
 
 
-def replace_dir(target: Path, build) -> Path:
+def replace_dir(target: Path, build, *, keep: str | None = None) -> Path:
     """Write the folder `target` atomically: `build(tmp)` fills a temporary sibling, which is then renamed to
     `target` (an existing `target` is replaced). A process killed at any point leaves the old folder or the
-    new one complete, never a partial one (or, killed between the two renames of a replacement, none)."""
+    new one complete, never a partial one (or, killed between the two renames of a replacement, none).
+
+    `keep`: the name of a file only a complete folder holds. When `target` has it by the time the new folder
+    is built (another process built the same thing meanwhile, e.g. a converted-model cache), that folder is
+    kept and the new one dropped, so a folder others may be reading is never swapped under them.
+    """
     target = Path(target)
     tmp = temp_sibling(target)
     old = None
     try:
         build(tmp)
+        if keep is not None and (target / keep).is_file():
+            return target
         if target.exists():
             old = tmp.with_name(tmp.name.replace(".tmp-", ".old-", 1))
             os.rename(target, old)
-        os.rename(tmp, target)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process renamed its folder in between
+            if keep is None or not (target / keep).is_file():
+                raise
     except BaseException:
         if old is not None and not target.exists():
             os.rename(old, target)  # put the previous folder back

@@ -2,7 +2,9 @@
 
 A template may be split into chat roles by marker lines `[[system]]`, `[[user]]` and `[[assistant]]`;
 the `[[assistant]]` section, when present, is the start of the model's answer (e.g. `Answer: (`), which
-the model continues. A template without markers is plain text (used for fixed, non-LLM sentences).
+the model continues. A template without markers is plain text (used for fixed, non-LLM sentences). A file of many short sentences
+(the chat's replies) is split into named sections by `[name]` lines and read with `load_sections`: each
+section is one `Prompt` of its own.
 Every template's `sha256` (of its file text) is recorded with model outputs and in adapter metadata.
 
 `sanitize()` is the one place where user or catalog text is made safe to put into a prompt.
@@ -22,6 +24,7 @@ from recllm.errors import PromptError
 ROLES = ("system", "user", "assistant")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 _MARKER_RE = re.compile(r"^\[\[(system|user|assistant)\]\][ \t]*$", re.MULTILINE)
+_SECTION_RE = re.compile(r"^\[([a-z0-9][a-z0-9_\-]*)\][ \t]*$")
 
 # What sanitize() removes or rewrites in text inserted into a prompt.
 # control, line/paragraph separator, bidi, zero-width and other invisible characters
@@ -132,16 +135,19 @@ def prompt_path(name: str) -> Path:
     return paths.prompts_dir() / f"{name}.txt"
 
 
-def load_prompt(name: str, variables: set[str] | frozenset[str] | tuple[str, ...] | None = None) -> Prompt:
-    """Read template `name`; when `variables` is given, the template must use exactly those (PromptError)."""
-    path = prompt_path(name)
+def _read(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PromptError(f"Prompt template not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise PromptError(f"Cannot read prompt template {path}: {exc}") from None
-    prompt = Prompt(name=name, text=text, path=path)
+
+
+def load_prompt(name: str, variables: set[str] | frozenset[str] | tuple[str, ...] | None = None) -> Prompt:
+    """Read template `name`; when `variables` is given, the template must use exactly those (PromptError)."""
+    path = prompt_path(name)
+    prompt = Prompt(name=name, text=_read(path), path=path)
     if variables is not None:
         expected = frozenset(variables)
         if prompt.variables != expected:
@@ -157,6 +163,33 @@ def load_prompt(name: str, variables: set[str] | frozenset[str] | tuple[str, ...
             )
             raise PromptError(f"Prompt template {path} must use ${', $'.join(sorted(expected))} ({detail})")
     return prompt
+
+
+def split_sections(text: str) -> dict[str, str]:
+    """{section name: its text} of a text split by `[name]` lines. A section runs to the next one, blank lines
+    around it removed; lines starting with `#` are comments, and so is everything before the first section."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        match = _SECTION_RE.match(line)
+        if match:
+            if match.group(1) in sections:
+                raise PromptError(f"Section [{match.group(1)}] appears twice")
+            current = sections[match.group(1)] = []
+        elif current is not None and not line.startswith("#"):
+            current.append(line)
+    return {name: "\n".join(lines).strip("\n") for name, lines in sections.items()}
+
+
+def load_sections(name: str) -> dict[str, Prompt]:
+    """Template file `name` split by `[section]` lines (`split_sections`): {section: Prompt}. Each prompt is
+    named `name:section` and its `sha256` is that of the section's own text."""
+    path = prompt_path(name)
+    try:
+        sections = split_sections(_read(path))
+    except PromptError as exc:
+        raise PromptError(f"Prompt template {path}: {exc}") from None
+    return {section: Prompt(name=f"{name}:{section}", text=body, path=path) for section, body in sections.items()}
 
 
 def join_and(items: list[str]) -> str:

@@ -191,10 +191,11 @@ class LLMRanker:
         return [Ranked(candidates[i], float(llm_scores[i]), float(fused[i])) for i in order]
 
 
-def ranking_trace(ranked: Sequence[Ranked], given: Sequence[Candidate] | None = None) -> list[dict]:
-    """Trace rows, best first: item_id, title, rank (1-based), letter shown to the model, retriever score,
-    signals, LLM score and fused score. `given` is the candidate list in prompt order (for the letters)."""
-    position = {c.item_id: i for i, c in enumerate(given or [r.candidate for r in ranked])}
+def ranking_trace(ranked: Sequence[Ranked], prompt_order: Sequence[str] = ()) -> list[dict]:
+    """Trace rows, best first: item_id, title, rank (1-based), letter shown to the model (None when the model
+    did not see the item), retriever score, signals, LLM score and fused score. `prompt_order`: the item ids
+    in the order the model read them."""
+    position = {item_id: i for i, item_id in enumerate(prompt_order)}
     rows = []
     for rank, (cand, llm_score, fused) in enumerate(ranked, 1):
         i = position.get(cand.item_id)

@@ -116,6 +116,13 @@ def popularity(sequences, n_items: int) -> np.ndarray:
     return counts
 
 
+def popularity_tiebreak(sequences, n_items: int) -> np.ndarray:
+    """(N,) float32 in [0, 1e-3]: log popularity scaled so small that it only orders items a count
+    signal leaves tied."""
+    pop = np.log1p(popularity(sequences, n_items)).astype(np.float32)
+    return 1e-3 * pop / max(float(pop.max()), 1.0)
+
+
 def _json_bytes(obj) -> bytes:
     return json.dumps(obj, sort_keys=True).encode()
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recllm import evaluate, metrics, paths
+from recllm import evaluate, metrics, paths, split
 from recllm.errors import InputError
 
 
@@ -95,7 +95,7 @@ def retrieve(score_fn, histories: list[np.ndarray], n: int, chunk: int = 512) ->
     return np.concatenate(tops), np.concatenate(vals)
 
 
-def build_examples(data: evaluate.EvalData, score_fn, titles: list[str], build_prompt, cfg: TrainConfig,
+def build_examples(data: split.EvalData, score_fn, titles: list[str], build_prompt, cfg: TrainConfig,
                    ) -> tuple[list[tuple[str, int, int]], dict]:
     """(prompt, target letter index, n candidates) from the train split, and counts for the metadata."""
     rng = np.random.default_rng(cfg.seed)
@@ -138,7 +138,7 @@ class PhaseScores:
     retriever: list[np.ndarray] = field(default_factory=list)  # per scored user: (n,) retriever scores
     llm: list[np.ndarray] = field(default_factory=list)  # per scored user: (n,) letter logits
 
-    def ranks(self, data: evaluate.EvalData, weight: float) -> np.ndarray:
+    def ranks(self, data: split.EvalData, weight: float) -> np.ndarray:
         """Ranks over ALL users after fusing with `weight` (misses stay inf), through `evaluate.rerank`.
 
         Users with a retrieved true item that were not scored (a sample was) keep the retriever's rank.
@@ -181,7 +181,7 @@ class PhaseScores:
         return wins
 
 
-def score_phase(ranker, data: evaluate.EvalData, score_fn, titles: list[str], phase: str, *,
+def score_phase(ranker, data: split.EvalData, score_fn, titles: list[str], phase: str, *,
                 users: int = 0, seed: int = 0, progress: bool = False, history_len: int = evaluate.HISTORY_LEN,
                 ranking: evaluate.Ranking | None = None) -> PhaseScores:
     """Score the retriever's top 20 (retriever order, as served) with `ranker` for users whose true item is there.
@@ -213,14 +213,14 @@ def score_phase(ranker, data: evaluate.EvalData, score_fn, titles: list[str], ph
     return out
 
 
-def choose_fusion_weight(scores: PhaseScores, data: evaluate.EvalData, grid=FUSION_GRID) -> tuple[float, dict]:
+def choose_fusion_weight(scores: PhaseScores, data: split.EvalData, grid=FUSION_GRID) -> tuple[float, dict]:
     """The LLM share with the best validation NDCG@10 (ties: the smaller weight), and the whole grid."""
     table = {w: metrics.ndcg_at_k(scores.ranks(data, w), 10) for w in grid}
     best = max(grid, key=lambda w: (round(table[w], 12), -w))
     return float(best), {f"{w:g}": round(v, 6) for w, v in table.items()}
 
 
-def phase_metrics(scores: PhaseScores, data: evaluate.EvalData, weight: float) -> dict:
+def phase_metrics(scores: PhaseScores, data: split.EvalData, weight: float) -> dict:
     """Metrics over all users and over the true-item-retrieved subset, for retriever alone and fused."""
     ranks = scores.ranks(data, weight)
     hit = np.zeros(len(ranks), dtype=bool)
@@ -241,7 +241,7 @@ def phase_metrics(scores: PhaseScores, data: evaluate.EvalData, weight: float) -
 # ---------------------------------------------------------------- the run
 
 
-def _retriever_for(data, catalog, retriever, work: Path, seed: int, progress: bool):
+def _retriever_for(data, catalog, interactions, retriever, work: Path, seed: int, progress: bool):
     """A fitted CollaborativeRetriever: the given folder, one saved in `work` earlier (resume), or fit one."""
     from recllm import seqrec
 
@@ -257,11 +257,11 @@ def _retriever_for(data, catalog, retriever, work: Path, seed: int, progress: bo
     if retriever:
         raise InputError(f"No fitted retriever in {retriever}")
     try:
-        content = evaluate.content_matrix(data, catalog, progress=progress)
+        content = split.content_matrix(data, catalog, interactions, progress=progress)
     except Exception as exc:  # noqa: BLE001 - no embedding model: fit without the content signal
         print(f"recllm: fitting the retriever without the content signal: {exc}", file=sys.stderr)
         content = None
-    fitted = seqrec.fit_on_split(data, seed=seed, content=content, progress=progress)
+    fitted = seqrec.fit_on_split(data, seed=seed, content=content, progress=progress, content_texts=split.CONTENT_TEXTS)
     fitted.save(folder)
     return fitted, folder
 
@@ -279,16 +279,12 @@ def train(catalog=None, interactions=None, *, model=None, out: str | Path | None
     default: mark the adapter as the default one for its base model (engine loads it automatically).
     """
     from recllm import llm
-    from recllm.catalog import Catalog, load_catalog, load_interactions
     from recllm.rank import LLMRanker, RankConfig
 
     cfg = config or TrainConfig()
     t0 = time.monotonic()
-    if not isinstance(catalog, Catalog):
-        catalog = load_catalog(catalog)
-    if interactions is None or isinstance(interactions, (str, Path)):
-        interactions = load_interactions(interactions)
-    data = evaluate.prepare(catalog, interactions)
+    catalog, interactions = split.load_inputs(catalog, interactions)
+    data = split.prepare(catalog, interactions)
     model_name = model.model_id if isinstance(model, llm.LM) else str(model or llm.DEFAULT_MODEL)
     out = Path(out) if out is not None else paths.adapters_dir() / f"{_slug(model_name)}-{_slug(data.name)}"
     if out.exists():
@@ -302,7 +298,7 @@ def train(catalog=None, interactions=None, *, model=None, out: str | Path | None
     work.mkdir(parents=True, exist_ok=True)
     (work / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
-    fitted, retriever_dir = _retriever_for(data, catalog, retriever, work, cfg.seed, progress)
+    fitted, retriever_dir = _retriever_for(data, catalog, interactions, retriever, work, cfg.seed, progress)
     score_fn = fitted.scores_idx
     titles = [catalog.get(i).label for i in data.item_ids]
     base = model if isinstance(model, llm.LM) else llm.load_model(model)

@@ -88,3 +88,103 @@ def indexed_home(tmp_path_factory, small_catalog_files, embedder):
     home = tmp_path_factory.mktemp("indexed-home")
     ItemStore(home=home).index(load_catalog(small_catalog_files[0]), embedder, progress=False)
     return home
+
+
+# ---- shared helpers: ports, the small chat catalog, the one engine spy ----
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (servers started by tests bind it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+N_CHAT_ITEMS = 300  # most popular bundled movies in the chat/app test catalog (plus the ones tests name)
+HEAT, TOY_STORY, MATRIX, TITANIC = "6", "1", "2571", "1721"
+
+
+def small_movielens(n: int = N_CHAT_ITEMS):
+    """(Catalog, Interactions): the `n` most rated bundled movies (+ the ones tests name) and their ratings."""
+    from recllm.catalog import Catalog, Interactions, load_catalog, load_interactions
+
+    full, ratings = load_catalog(), load_interactions()
+    keep = [item_id for item_id, _ in ratings.popularity().most_common(n)]
+    keep += [i for i in (HEAT, TOY_STORY, MATRIX, TITANIC) if i not in keep]
+    wanted = set(keep)
+    catalog = Catalog([item for item in full if item.item_id in wanted], name=f"chat-test-{n}",
+                      columns=full.columns)
+    return catalog, Interactions([row for row in ratings.rows if row[1] in wanted])
+
+
+def build_recommender(home, **kwargs):
+    """A real `Recommender` on `small_movielens()`, its Chroma store under `home` (indexed on first use);
+    `ranker="none"` unless given."""
+    from recllm.engine import Recommender
+
+    catalog, interactions = small_movielens()
+    old = os.environ.get("RECLLM_HOME")
+    os.environ["RECLLM_HOME"] = str(home)
+    try:
+        return Recommender(catalog, interactions, progress=False, **{"ranker": "none", **kwargs})
+    finally:
+        if old is None:
+            os.environ.pop("RECLLM_HOME", None)
+        else:
+            os.environ["RECLLM_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def chat_home(tmp_path_factory):
+    """One Chroma store for the chat catalog per test run (chat, app and memory tests share it)."""
+    return tmp_path_factory.getbasetemp() / "chat-store"
+
+
+class SpyEngine:
+    """The one test double of `request.Engine`: delegates to a real engine and records every request and
+    why() question; `fail[name] = error` makes that method raise; `gate()` holds `recommend` until `release`."""
+
+    def __init__(self, inner):
+        import threading
+
+        self.inner = inner
+        self.requests: list = []
+        self.whys: list = []
+        self.fail: dict[str, Exception] = {}  # method name -> error to raise
+        self.entered = threading.Event()  # a call is inside recommend()
+        self.release = threading.Event()  # let it go on (set unless gated)
+        self.release.set()
+
+    def __getattr__(self, name):  # catalog, interactions, limits, embedder, describe, ...
+        return getattr(self.inner, name)
+
+    def gate(self) -> SpyEngine:
+        self.release.clear()
+        return self
+
+    def _call(self, name: str) -> None:
+        if name in self.fail:
+            raise self.fail[name]
+
+    def recommend(self, request=None, **fields):
+        self._call("recommend")
+        self.requests.append(request)
+        self.entered.set()
+        self.release.wait(timeout=300)
+        return self.inner.recommend(request, **fields)
+
+    def recommend_many(self, requests):
+        self._call("recommend_many")
+        self.requests.extend(requests)
+        return self.inner.recommend_many(requests)
+
+    def explain_stream(self, result, rank, deadline=None):
+        self._call("explain_stream")
+        return self.inner.explain_stream(result, rank, deadline=deadline)
+
+    def why(self, question, result, *, details=False):
+        self._call("why")
+        self.whys.append((question, result))
+        return self.inner.why(question, result, details=details)

@@ -64,11 +64,11 @@ def main(argv: list[str]) -> int:
         import transformers
         from transformers.trainer_callback import TrainerState
 
-        from recllm import llm
+        from recllm.llm import adapters
 
         hook(transformers.Trainer, "training_step", "step", 0.05)
         hook(TrainerState, "save_to_json", "state", 0.7, before=True)  # the checkpoint folder lacks it meanwhile
-        hook(llm, "write_adapter_metadata", "adapter", 0.8, before=True)  # the adapter's temporary folder lacks it
+        hook(adapters, "write_adapter_metadata", "adapter", 0.8, before=True)  # the adapter's temporary folder lacks it
     from recllm.cli import main as recllm
 
     return recllm(argv)

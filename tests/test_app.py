@@ -3,13 +3,12 @@ parallel gradio_client sessions that must never see each other's conversation, a
 one turn is stuck in the engine, and the login.
 
 The app runs in-process (`build_app` + `launch(block=False)`) on a free port over a real `Recommender`
-(see `test_chat.build_recommender`); every server is closed by its fixture.
+(`conftest.build_recommender`); every server is closed by its fixture.
 """
 
 from __future__ import annotations
 
 import re
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -21,23 +20,16 @@ if str(ROOT) not in sys.path:  # app.py lives at the top of the repository, outs
     sys.path.insert(0, str(ROOT))
 
 import app as chat_app  # noqa: E402
-from test_chat import HEAT, TOY_STORY, build_recommender  # noqa: E402
+from conftest import HEAT, TOY_STORY, SpyEngine, build_recommender, free_port  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 TIMEOUT_MS = 60_000  # per browser wait: CPU-only CI machines can be slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def recommender(tmp_path_factory):
-    # the same folder as test_chat's store when both run: the index is built once
-    return build_recommender(tmp_path_factory.getbasetemp() / "chat-store")
+def recommender(chat_home):
+    return build_recommender(chat_home)  # the same store as the chat tests: the index is built once
 
 
 @pytest.fixture(scope="module")
@@ -155,30 +147,13 @@ def test_parallel_sessions_never_mix(served, recommender):
         assert own_messages and own_title and others == [], f"session {n} saw {others}"
 
 
-class GatedRecommender:
-    """The real recommender whose `recommend` waits at a gate: a chat turn as slow as the test wants."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.entered = threading.Event()  # a turn is inside recommend()
-        self.release = threading.Event()  # let it finish
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def recommend(self, request=None, **fields):
-        self.entered.set()
-        self.release.wait(timeout=300)
-        return self.inner.recommend(request, **fields)
-
-
 @pytest.mark.server
 def test_a_slow_turn_does_not_hold_up_other_sessions(recommender):
     """While one session's turn is stuck in the engine, another session's reset and thumbs are answered (they
     are outside the engine's concurrency group), and the slow turn then completes normally."""
     from gradio_client import Client
 
-    gated = GatedRecommender(recommender)
+    gated = SpyEngine(recommender).gate()
     demo = chat_app.build_app(gated)
     url = chat_app.launch(demo, port=free_port(), block=False)
     try:
@@ -203,6 +178,56 @@ def test_a_slow_turn_does_not_hold_up_other_sessions(recommender):
     finally:
         gated.release.set()
         demo.close()
+
+
+class StreamGate(SpyEngine):
+    """The spy whose first reason waits until `go_on` is set (the list is on the page by then)."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.streaming = threading.Event()  # the turn waits for its first reason
+        self.go_on = threading.Event()
+
+    def explain_stream(self, result, rank, deadline=None):
+        if not self.go_on.is_set():
+            self.streaming.set()
+            self.go_on.wait(timeout=300)
+        yield from super().explain_stream(result, rank, deadline)
+
+
+@pytest.mark.server
+def test_a_thumb_while_reasons_stream_lands_on_the_card_it_is_on(recommender):
+    """Bug: a 👎 while reasons streamed left the dropped card on the page (cards were drawn from the turn's own
+    list), and the next thumb on a card acted on `session.shown[index]`, another item. Now the cards show the
+    list as it is, and a thumb acts on the item its card shows."""
+    from gradio_client import Client
+
+    gate = StreamGate(recommender)
+    demo = chat_app.build_app(gate)
+    url = chat_app.launch(demo, port=free_port(), block=False)
+    try:
+        client = Client(url, verbose=False)
+        job = client.submit("I loved Heat and Toy Story", api_name="/chat")
+        assert gate.streaming.wait(timeout=120), "the reasons never started"
+        dropped = _noted(client.predict(api_name="/thumbs_down_0"), r"Noted: not (.+) \(\d{4}\)\. It's off")
+        gate.go_on.set()
+        final = job.result(timeout=300)
+        cards = [text for text in final if isinstance(text, str) and text.startswith("**#")]
+        assert len(cards) == 4 and not any(dropped in text for text in cards), cards
+        shown = re.match(r"\*\*#1 (.+?)\*\*", cards[0]).group(1)
+        liked = _noted(client.predict(api_name="/thumbs_up_0"), r"Noted: you like (.+) \(\d{4}\)\. I'll use")
+        assert liked == shown  # the item card #1 shows, not another one
+    finally:
+        gate.go_on.set()
+        demo.close()
+
+
+def _noted(out, pattern: str) -> str:
+    """The title named by the feedback reply that ends the conversation in a thumbs call's outputs."""
+    text = _text(out[0][-1])
+    match = re.match(pattern, text)
+    assert match, text
+    return match.group(1)
 
 
 @pytest.mark.server

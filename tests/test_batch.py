@@ -21,11 +21,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import free_port
 from recllm import batch
-from recllm.batch import parse_ask, question_item, read_rows, run_batch
+from recllm.batch import parse_ask, read_rows, run_batch
 from recllm.errors import EmptyHistory, InputError, RecllmError, UnknownUser
 from recllm.catalog import Catalog, load_catalog
-from recllm.engine import Limits, Request
+from recllm.request import Limits, Request
 
 MAX_K = Limits().max_k
 MAX_TEXT_CHARS = Limits().max_query_chars
@@ -55,6 +56,8 @@ class FakeRecommender:
 
     catalog = CATALOG
     interactions = None
+    embedder = None
+    limits = Limits()
 
     def __init__(self, delay: float = 0.0):
         self.calls: list[int] = []  # size of every recommend_many call
@@ -62,6 +65,10 @@ class FakeRecommender:
         self.delay = delay  # seconds per call (for kill tests)
 
     def _one(self, request):
+        try:
+            self.limits.check(request)  # as the engine does
+        except InputError as exc:
+            return exc
         if request.user == "ghost":
             return UnknownUser("unknown user 'ghost' in the interactions")
         history = list(request.history)
@@ -91,12 +98,13 @@ class FakeRecommender:
             out.append(self._one(r))
         return out
 
-    def why(self, item: str, result) -> str:
+    def why(self, question: str, result) -> str:
         ids = [rec["item_id"] for rec in result.recommendations]
-        item_id = CATALOG.resolve(item)
-        if item_id not in ids:
-            raise RecllmError(f"{item} is not among the recommendations")
-        return f"{item} is number {ids.index(item_id) + 1}"
+        item = next((i for i in ITEMS if CATALOG.get(i).title in question), None)  # the engine: refs.why_target
+        title = CATALOG.get(item).title if item else question
+        if item not in ids:
+            raise RecllmError(f"{title} is not among the recommendations")
+        return f"{title} is number {ids.index(item) + 1}"
 
 
 def fake():
@@ -152,8 +160,6 @@ def out_lines(path: Path) -> list[dict]:
     [
         ({}, "needs a user, a history or messages"),
         ({"history": []}, "history is empty"),
-        ({"user": "1", "k": 0}, f"k must be between 1 and {MAX_K}, got 0"),
-        ({"user": "1", "k": MAX_K + 1}, f"k must be between 1 and {MAX_K}"),
         ({"user": "1", "k": "5"}, "k must be a whole number"),
         ({"user": "1", "k": True}, "k must be a whole number"),
         ({"history": "Heat"}, "history must be a list"),
@@ -180,6 +186,14 @@ def test_good_rows():
              {"content": "  older please "}]  # fmt: skip
     assert parse_ask({"messages": convo}).messages[2] == {"role": "user", "content": "older please"}
     assert parse_ask({"history": [], "messages": convo}).history == []
+    assert parse_ask({"user": "1", "k": MAX_K + 1}).k == MAX_K + 1  # a limit: the engine's to check
+
+
+def limit_error(request: Request) -> str:
+    """The engine's message for a request past a limit."""
+    with pytest.raises(InputError) as info:
+        Limits().check(request)
+    return str(info.value)
 
 
 def test_file_level_problems_become_error_rows(tmp_path):
@@ -199,16 +213,6 @@ def test_file_level_problems_become_error_rows(tmp_path):
     assert errors[4] == "line 7: duplicate id 'a' (first on line 1)"
     assert errors[5].startswith("line 9: invalid JSON")  # a byte-order mark only counts on line 1
     assert errors[6] == "line 10: not UTF-8 text"
-
-
-@pytest.mark.parametrize(
-    "question, item",
-    [("why did you suggest Heat?", "Heat"), ("Why Heat (1995)?", "Heat (1995)"), ("why #2", "#2"),
-     ("Why did you recommend 'The Matrix' for me?", "The Matrix"), ("why is Ronin in the list?", "Ronin"),
-     ("Heat?", "Heat")],
-)  # fmt: skip
-def test_question_item(question, item):
-    assert question_item(question) == item
 
 
 # ---------------------------------------------------------------- one process
@@ -232,7 +236,7 @@ def test_output_follows_input_and_bad_rows_do_not_stop_the_run(tmp_path):
         assert ("answer" in o) == ("question" in row)
     errors = {o["id"] or o["line"]: o["error"] for o in out if "error" in o}
     assert list(errors.values()) == [
-        f"k must be between 1 and {MAX_K}, got 0", "line 16: invalid JSON (Expecting property name enclosed in double "
+        limit_error(Request(user="1", k=0)), "line 16: invalid JSON (Expecting property name enclosed in double "
         "quotes at column 2)", "line 24: the row has no id", "unknown user 'ghost' in the interactions",
         "line 40: duplicate id 'r34' (first on line 39)", "history is empty and the row has no user or messages"]
     assert stats.errors == sum("error" in o for o in out)
@@ -265,6 +269,35 @@ def test_answer_comes_from_why(tmp_path):
     q1, q2 = out_lines(tmp_path / "out.jsonl")
     assert q1["answer"].startswith("Toy Story is number ")
     assert q2["answer"] == "Toy Story is not among the recommendations" and "error" not in q2
+
+
+def test_a_reset_turn_keeps_the_rows_user(tmp_path):
+    """"start over" in a row's messages clears what earlier turns added, never the row's own user."""
+    rows = [{"id": "u", "user": "7", "k": 3, "messages": [
+        {"role": "user", "content": "I loved Heat"}, {"role": "user", "content": "start over"},
+        {"role": "user", "content": "only comedies"}]}]  # fmt: skip
+    src = write_input(tmp_path / "in.jsonl", [json.dumps(r) for r in rows])
+    rec = FakeRecommender()
+    run_batch(src, tmp_path / "out.jsonl", recommender=rec, progress=False)
+    user, history, _, filters = json.loads(rec.served[0])
+    assert user == "7" and history == [] and "genres=('Comedy',)" in filters  # Heat is gone, the user stays
+
+
+def test_questions_go_whole_to_the_recommenders_why(tmp_path):
+    """Batch has no "why" parser of its own: the question text goes to `recommender.why`, as in the chat."""
+    asked = []
+
+    class Spy(FakeRecommender):
+        def why(self, question, result):
+            asked.append(question)
+            return "because"
+
+    rows = [{"id": "q", "history": ["1"], "k": 3, "question": "why the first one?"},
+            {"id": "m", "history": ["1"], "k": 3, "messages": [{"role": "user", "content": "why did you pick #2?"}]}]
+    src = write_input(tmp_path / "in.jsonl", [json.dumps(r) for r in rows])
+    run_batch(src, tmp_path / "out.jsonl", recommender=Spy(), progress=False)
+    assert asked == ["why the first one?", "why did you pick #2?"]
+    assert [o["answer"] for o in out_lines(tmp_path / "out.jsonl")] == ["because", "because"]
 
 
 def test_a_row_that_breaks_the_batched_call_is_isolated(tmp_path, capsys):
@@ -337,9 +370,10 @@ def test_command_line(tmp_path, capsys, monkeypatch):
     batch.add_arguments(parser)
     args = parser.parse_args([str(src), "-o", str(out), "--adapter", "none", "--ranker", "none", "--resume"])
     built = {}
-    monkeypatch.setattr("recllm.engine.Recommender", lambda catalog, **kw: built.update(kw, catalog=catalog))
-    batch.recommender_factory(args)()
-    assert built == {"catalog": None, "adapter": None, "ranker": "none", "progress": True}
+    monkeypatch.setattr("recllm.engine.Recommender", lambda *given, **kw: built.update(kw, given=given))
+    batch.recommender_factory(args)()  # options.EngineOptions: the CLI's flags, built the CLI's way
+    assert built["given"] == (None, None) and built["adapter"] == "none" and built["ranker"] == "none"
+    assert built["progress"] is True
 
 
 # ---------------------------------------------------------------- resume
@@ -490,7 +524,7 @@ def test_two_processes_match_one_row_for_row(tmp_path, reference):
     src, full = reference
     out = tmp_path / "out.jsonl"
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "recllm.batch",
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "recllm.batch",
            str(src), "-o", str(out), "--factory", "test_batch:fake", "-q", "--batch-size", "3"]  # fmt: skip
     log = tmp_path / "served.log"
     done = subprocess.run(cmd, env=_env(RECLLM_FAKE_LOG=str(log)), capture_output=True, text=True, timeout=300)
@@ -525,20 +559,12 @@ def test_accelerate_launch_splits_rows_too(tmp_path, reference):
     out = tmp_path / "out.jsonl"
     log = tmp_path / "served.log"
     accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(_free_port()),
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
            "-m", "recllm.batch", str(src), "-o", str(out), "--factory", "test_batch:fake", "-q"]  # fmt: skip
     done = subprocess.run(cmd, env=_env(RECLLM_FAKE_LOG=str(log)), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert out.read_bytes() == full
     assert {entry.split()[0] for entry in log.read_text().splitlines()} == {"0", "1"}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- the real engine (tiny LM, small catalog)
@@ -580,7 +606,31 @@ def test_real_engine_rows(tmp_path, real_rec):
     assert isinstance(out["titles"]["answer"], str) and out["titles"]["answer"]
     assert out["ghost"]["error"].startswith("unknown user '99999'")
     assert "nothing to recommend from" in out["nothing"]["error"]
-    assert out["big"]["error"] == f"k must be between 1 and {MAX_K}, got {MAX_K + 1}"
+    assert out["big"]["error"] == limit_error(Request(user="1", k=MAX_K + 1))
+
+
+def test_row_questions_are_read_like_the_chat(tmp_path, real_rec):
+    """"why the first one?" in a batch row means the row's #1, as in the chat."""
+    rows = [{"id": "q", "history": ["Heat", "Toy Story (1995)"], "k": 3, "question": "why the first one?"}]
+    (out,) = batch.process(real_rec, rows)
+    first = out["recommendations"][0]["title"]
+    assert first.split(" (")[0] in out["answer"] and "not a title" not in out["answer"]
+
+
+def test_limits_are_the_engines_with_its_wording(tmp_path, real_rec):
+    """k and history limits are checked once, by the engine: a batch row gets the engine's message."""
+    too_many = [str(i) for i in range(1, real_rec.limits.max_history + 2)]
+    requests = {"big": Request(user="1", k=MAX_K + 1), "zero": Request(user="1", k=0),
+                "long": Request(history=too_many)}  # fmt: skip
+    expected = {}
+    for rid, request in requests.items():
+        with pytest.raises(InputError) as info:
+            real_rec.recommend(request)
+        expected[rid] = str(info.value)
+    rows = [{"id": "big", "user": "1", "k": MAX_K + 1}, {"id": "zero", "user": "1", "k": 0},
+            {"id": "long", "history": too_many}]  # fmt: skip
+    out = {o["id"]: o["error"] for o in batch.process(real_rec, rows)}
+    assert out == expected
 
 
 def test_batching_does_not_change_answers(tmp_path, real_rec):

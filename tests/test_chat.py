@@ -3,7 +3,8 @@ sent to the engine (never on wording).
 
 Most tests drive a real `engine.Recommender` on a small catalog of popular MovieLens movies (real embedder,
 real Chroma, `ranker="none"` so turns are fast and deterministic; explanations are the engine's grounded
-fallback); one streams from the tiny in-process LLM. `FlakyRecommender` wraps the real one to inject errors.
+fallback); one streams from the tiny in-process LLM. `conftest.SpyEngine` wraps the real one to record requests and
+"why" questions and to inject errors.
 """
 
 from __future__ import annotations
@@ -14,90 +15,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import HEAT, MATRIX, TITANIC, TOY_STORY, SpyEngine, build_recommender
 from recllm.chat import VIOLENT_GENRES, ChatSession, MessageParser, Reply, title_spotter
 from recllm.errors import InputError, ModelError, RecllmError
-
-N_ITEMS = 300  # most popular bundled movies in the test catalog (plus a few named in the tests)
-HEAT, TOY_STORY, MATRIX, TITANIC = "6", "1", "2571", "1721"
-
-
-def small_movielens(n: int = N_ITEMS):
-    """(Catalog, Interactions): the `n` most rated bundled movies (+ the ones tests name) and their ratings."""
-    from recllm.catalog import Catalog, Interactions, load_catalog, load_interactions
-
-    full, ratings = load_catalog(), load_interactions()
-    keep = [item_id for item_id, _ in ratings.popularity().most_common(n)]
-    keep += [i for i in (HEAT, TOY_STORY, MATRIX, TITANIC) if i not in keep]
-    wanted = set(keep)
-    catalog = Catalog([item for item in full if item.item_id in wanted], name=f"chat-test-{n}",
-                      columns=full.columns)
-    return catalog, Interactions([row for row in ratings.rows if row[1] in wanted])
-
-
-def build_recommender(home, **kwargs):
-    """A real `Recommender` on `small_movielens()`, its Chroma store under `home` (indexed on first use)."""
-    import os
-
-    from recllm.engine import Recommender
-
-    catalog, interactions = small_movielens()
-    old = os.environ.get("RECLLM_HOME")
-    os.environ["RECLLM_HOME"] = str(home)
-    try:
-        return Recommender(catalog, interactions, progress=False, **{"ranker": "none", **kwargs})
-    finally:
-        if old is None:
-            os.environ.pop("RECLLM_HOME", None)
-        else:
-            os.environ["RECLLM_HOME"] = old
-
-
-@pytest.fixture(scope="module")
-def chat_home(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "chat-store"  # test_app uses it too: one index per run
-
+from recllm.refs import Ref, is_why, why_target
 
 @pytest.fixture(scope="module")
 def rec(chat_home):
-    return RecordingRecommender(build_recommender(chat_home))
+    return SpyEngine(build_recommender(chat_home))
 
 
 @pytest.fixture
 def session(rec):
     rec.requests.clear()
     return ChatSession(rec)
-
-
-class RecordingRecommender:
-    """Delegates to a real Recommender and keeps every request and why() call; `fail` injects errors."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.catalog, self.interactions, self.embedder = inner.catalog, inner.interactions, inner.embedder
-        self.requests: list = []
-        self.whys: list = []
-        self.fail: dict[str, Exception] = {}  # method name -> error to raise
-
-    def _maybe_fail(self, name):
-        if name in self.fail:
-            raise self.fail[name]
-
-    def recommend(self, request=None, **fields):
-        self._maybe_fail("recommend")
-        self.requests.append(request)
-        return self.inner.recommend(request, **fields)
-
-    def explain_stream(self, result, rank):
-        self._maybe_fail("explain_stream")
-        return self.inner.explain_stream(result, rank)
-
-    def why(self, item, result):
-        self._maybe_fail("why")
-        self.whys.append((item, result))
-        return self.inner.why(item, result)
-
-    def describe(self):
-        return self.inner.describe()
 
 
 def ids(reply: Reply) -> list[str]:
@@ -259,23 +190,41 @@ def test_why_is_answered_from_that_turns_trace(session, rec):
     reply = session.respond("why did you suggest #2?")
     assert reply.intent == "why"
     item, result = rec.whys[-1]
-    assert item == first.items[1].item_id and result is first_result
+    assert item == f"id:{first.items[1].item_id}" and result is first_result  # the chat names the item outright
     evidence = [rec.catalog.get(h["item_id"]).title for h in first_result.trace["history"]]
     assert any(title in reply.text for title in evidence)  # the evidence is named
     second = session.respond("only comedies")
     reply = session.respond(f"why {first.items[0].name}?")  # an item from the earlier turn
     if first.items[0].item_id not in ids(second):
-        assert rec.whys[-1] == (first.items[0].item_id, first_result)
+        assert rec.whys[-1] == (f"id:{first.items[0].item_id}", first_result)
     title = second.items[2].name
     reply = session.respond(f"Why {title.lower()}?")
-    assert rec.whys[-1] == (second.items[2].item_id, session.result) and reply.intent == "why"
+    assert rec.whys[-1] == (f"id:{second.items[2].item_id}", session.result) and reply.intent == "why"
 
 
 def test_why_not_an_item_that_was_not_shown(session, rec):
     session.respond("I loved Heat")
     reply = session.respond("why not Titanic?")
-    assert reply.intent == "why" and rec.whys[-1] == (TITANIC, session.result)
+    assert reply.intent == "why" and rec.whys[-1] == (f"id:{TITANIC}", session.result)
     assert session.respond("why not something older?").intent == "recommend"  # a refinement, not a question
+
+
+@pytest.mark.parametrize("text, target", [
+    ("why #2?", Ref(rank=2)), ("explain the last one", Ref(rank=-1)), ("why 3", Ref(rank=3)),
+    ("why did you pick it?", Ref(focus=True)), ("why?", Ref(focus=True)), ("why heat?", Ref(item_id=HEAT)),
+    ("why id:1721?", Ref(item_id=TITANIC)), ("why ID: 6", Ref(item_id=HEAT)), ("why id:nope?", None),
+    ("why not Titanic?", Ref(item_id=TITANIC)), ("why not #2?", Ref(rank=2)),
+    ("why not that one?", None), ("why not something older?", None),  # a refinement, not a question
+])
+def test_one_reader_of_why_questions(rec, text, target):
+    assert why_target(text, rec.catalog, [HEAT, TOY_STORY]) == target
+    assert is_why(text) == (not text.startswith("why not"))
+
+
+def test_why_names_the_item_outright(session, rec):
+    session.respond("I loved Heat")
+    reply = session.respond(f"why id:{session.shown[1].item_id}?")
+    assert reply.intent == "why" and rec.whys[-1] == (f"id:{session.shown[1].item_id}", session.result)
 
 
 def test_why_before_anything_is_shown(session):
@@ -318,6 +267,36 @@ def test_thumbs_down_removes_the_item_for_good(session, rec):
     assert session.liked[-1] == up
     session.respond("more like the first one")
     assert up in rec.requests[-1].history
+
+
+def test_a_thumb_while_reasons_stream_takes_effect_at_once(session, rec):
+    """Bug: a 👎 while the reasons streamed changed the list outside the turn, whose later replies still showed
+    the dropped card; a thumb on such a stale card then landed on another item. Every later reply of the turn
+    shows the list as it is (the dropped card gone, ranks renumbered), and replies already handed out stay."""
+    stream = session.respond_stream("I loved Heat and Toy Story")
+    assert next(stream).intent == "thinking"
+    listed = next(stream)  # the list, before the reasons
+    assert not listed.done and len(listed.items) == 5
+    dropped = listed.items[0].item_id
+    session.feedback(dropped, up=False)
+    rest = list(stream)
+    assert rest and rest[-1].done
+    for reply in rest:
+        assert dropped not in ids(reply) and [card.rank for card in reply.items] == list(range(1, 5))
+    assert ids(rest[-1]) == ids(listed)[1:] == [card.item_id for card in session.shown]
+    assert all(card.reason for card in rest[-1].items[:2])  # the others' reasons still came
+    assert ids(listed)[0] == dropped and listed.items[0].rank == 1  # a reply handed out never changes
+    assert rest[-1].text in [m["content"] for m in session.messages]  # the transcript has the list as it is
+    later = session.respond("show me something else")
+    assert dropped not in ids(later) and dropped in rec.requests[-1].filters.exclude_ids
+
+
+def test_a_reset_while_reasons_stream_ends_the_old_list(session):
+    stream = session.respond_stream("I loved Heat")
+    next(stream), next(stream)
+    session.reset()
+    rest = list(stream)
+    assert rest[-1].done and all(reply.items == [] for reply in rest) and session.shown == []
 
 
 def test_start_from_a_movielens_user(session, rec):

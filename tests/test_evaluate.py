@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from recllm import evaluate, metrics
+from recllm import evaluate, metrics, split
 from recllm.catalog import load_catalog, load_interactions
 
 
@@ -28,11 +28,11 @@ def test_k_core_iterates_to_a_fixed_point():
         "u7": ["a", "b", "c", "d", "e"],
         "u8": ["a", "b", "c", "d", "e"],
     }
-    core = evaluate.k_core(seqs, 5)
+    core = split.k_core(seqs, 5)
     assert set(core) == {"u4", "u5", "u6", "u7", "u8"}
     assert all(s == ["a", "b", "c", "d", "e"] for s in core.values())
     # a fixed point: filtering again changes nothing
-    assert evaluate.k_core(core, 5) == core
+    assert split.k_core(core, 5) == core
     # and every user / item has at least 5
     counts: dict[str, int] = {}
     for s in core.values():
@@ -44,14 +44,14 @@ def test_k_core_iterates_to_a_fixed_point():
 def test_k_core_single_pass_is_not_enough_here():
     seqs = {f"u{n}": ["x", "a", "b", "c", "r" if n < 2 else "d"] for n in range(5)}
     seqs.update({f"v{n}": ["a", "b", "c", "d", "e"] for n in range(5)})
-    core = evaluate.k_core(seqs, 5)
+    core = split.k_core(seqs, 5)
     assert "x" not in {i for s in core.values() for i in s}
     assert all(len(s) >= 5 for s in core.values())
 
 
 def test_split_drops_repeats_and_orders_items_by_catalog():
     seqs = {f"u{n}": ["a", "b", "a", "c", "d", "e"] for n in range(5)}  # "a" repeated
-    data = evaluate.split_sequences(seqs, ["e", "d", "c", "b", "a", "zzz"])
+    data = split.split_sequences(seqs, ["e", "d", "c", "b", "a", "zzz"])
     assert data.item_ids == ["e", "d", "c", "b", "a"]
     assert data.stats["repeats_dropped"] == 5
     ids = data.item_ids
@@ -66,7 +66,7 @@ def test_split_drops_repeats_and_orders_items_by_catalog():
 def movielens():
     catalog = load_catalog()
     interactions = load_interactions()
-    return catalog, interactions, evaluate.prepare(catalog, interactions)
+    return catalog, interactions, split.prepare(catalog, interactions)
 
 
 def test_bundled_movielens_counts_match_llamarec(movielens):
@@ -106,7 +106,7 @@ def test_timestamp_ties_break_by_file_row_order(tmp_path):
         rows += [f"u{u},i0,1", f"u{u},i1,2", f"u{u},i2,3", f"u{u},i3,9", f"u{u},i5,9", f"u{u},i4,9"]
     inter = tmp_path / "inter.csv"
     inter.write_text("\n".join(rows) + "\n")
-    data = evaluate.prepare(load_catalog(items), load_interactions(inter))
+    data = split.prepare(load_catalog(items), load_interactions(inter))
     ids = data.item_ids
     assert ids[data.test[0]] == "i4" and ids[data.valid[0]] == "i5"
     assert [ids[i] for i in data.train[0]] == ["i0", "i1", "i2", "i3"]
@@ -119,16 +119,61 @@ def test_items_without_catalog_entry_are_dropped(tmp_path):
                                             enumerate(["i0", "i1", "ghost", "i2", "i3", "i4"])]
     inter = tmp_path / "inter.csv"
     inter.write_text("\n".join(rows) + "\n")
-    data = evaluate.prepare(load_catalog(items), load_interactions(inter))
+    data = split.prepare(load_catalog(items), load_interactions(inter))
     assert "ghost" not in data.item_ids
     assert data.stats["untitled_dropped"] == 5
+
+
+def test_item_tags_are_counted_from_train_side_tag_events_only(tmp_path):
+    """MovieLens tags carry a user and a time: a tag a user put on a held-out item, or put after their
+    held-out interactions began, must not reach the item texts used in evaluation."""
+    folder = tmp_path / "ml"
+    folder.mkdir()
+    movies = "".join(f"{n},Movie {n} (1990),Drama\n" for n in range(8))
+    (folder / "movies.csv").write_text("movieId,title,genres\n" + movies)
+    ratings = ["userId,movieId,rating,timestamp"]
+    for u in range(1, 7):  # each user rates 0..5 (train 0..3, validation 4, test 5) at times 10..15
+        ratings += [f"{u},{n},4.0,{10 + n}" for n in range(6)]
+    (folder / "ratings.csv").write_text("\n".join(ratings) + "\n")
+    (folder / "tags.csv").write_text(
+        "userId,movieId,tag,timestamp\n"
+        "1,5,heldout-test,9\n"  # on user 1's test item (even before the cutoff): dropped
+        "1,4,heldout-valid,5\n"  # on the validation item: dropped
+        "2,1,too-late,14\n"  # on a train item, but after user 2's validation interaction (time 14): dropped
+        "2,1,before,13\n"  # on a train item before the cutoff: kept
+        "99,5,outsider,20\n"  # a user outside the split: item side information, kept
+    )
+    catalog, interactions = split.load_inputs(folder, folder / "ratings.csv")
+    data = split.prepare(catalog, interactions)
+    assert data.n_users == 6 and split.has_timed_tags(catalog)
+    assert set(catalog.get("5").tags) == {"heldout-test", "outsider"}  # the catalog itself counts every event
+    texts = dict(zip(data.item_ids, split.item_texts(data, catalog, interactions)))
+    assert "outsider" in texts["5"] and "heldout-test" not in texts["5"]
+    assert "heldout-valid" not in texts["4"]
+    assert "before" in texts["1"] and "too-late" not in texts["1"]
+    assert split.train_side_tags(data, interactions, folder / "tags.csv") == {"1": ("before",), "5": ("outsider",)}
+
+
+def test_the_shipped_retriever_reproduces_its_committed_figure():
+    """The retriever shipped for the bundled MovieLens gives the test figures README and
+    docs/eval/llm-ranker report (numpy path, all items, all 610 users)."""
+    from recllm import paths, seqrec
+
+    catalog, interactions = split.load_inputs()
+    data = split.prepare(catalog, interactions)
+    fitted = seqrec.CollaborativeRetriever.load(paths.PACKAGE_DIR / "data" / "retrievers" / "ml-latest-small")
+    seqrec.check_fitted_on(fitted, data)
+    ranks = evaluate.rank_all(fitted.scores_idx, data, "test").ranks
+    assert round(metrics.ndcg_at_k(ranks, 10), 4) == 0.0918 and round(metrics.recall_at_k(ranks, 10), 4) == 0.1738
+    report = json.loads((paths.PROJECT_DIR / "docs" / "eval" / "llm-ranker" / "report.json").read_text())
+    assert metrics.summarize(ranks) == pytest.approx(report["systems"]["retriever"]["metrics"], abs=1e-9)
 
 
 # ---------------------------------------------------------------- ranking rules
 
 
 def test_rank_all_excludes_history_and_counts_misses():
-    data = evaluate.split_sequences({f"u{n}": ["a", "b", "c", "d", "e"] for n in range(5)})
+    data = split.split_sequences({f"u{n}": ["a", "b", "c", "d", "e"] for n in range(5)})
 
     def scorer(hist):  # prefers "a" (history) most, then items in reverse catalog order
         s = np.tile(np.arange(data.n_items, dtype=np.float32), (len(hist), 1))
@@ -143,7 +188,7 @@ def test_rank_all_excludes_history_and_counts_misses():
 
 def test_rerank_uses_candidates_and_counts_retriever_misses():
     seqs = {f"u{n}": [f"i{(n + k) % 30}" for k in range(6)] for n in range(30)}
-    data = evaluate.split_sequences(seqs, [f"i{n}" for n in range(30)])
+    data = split.split_sequences(seqs, [f"i{n}" for n in range(30)])
     # a retriever that puts the true item 3rd for even users and misses it for odd ones
     ranking = evaluate.Ranking(ranks=np.zeros(data.n_users), top=np.full((data.n_users, 20), -1))
     for u in range(data.n_users):
@@ -211,6 +256,23 @@ def test_run_eval_end_to_end_on_a_planted_pattern(tmp_path):
     md = (out / "report.md").read_text()
     assert "| retriever |" in md and "top 20" in md
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # uncertainty over users: every system has an interval around its mean, and each other system is
+    # compared with the retriever on the same users (a ranker that keeps its order: difference 0, p = 1)
+    for name, r in systems.items():
+        lo, hi = r["interval"]["ndcg@10"]
+        assert lo <= r["metrics"]["ndcg@10"] <= hi, name
+    keep = report.comparisons["retriever+keep"]["ndcg@10"]
+    assert keep["difference"] == 0 and keep["p_one_sided"] == 1 and keep["p_two_sided"] == 1
+    assert report.comparisons["popularity"]["ndcg@10"]["high"] < 0  # clearly worse than the retriever
+    assert loaded["comparisons"]["retriever+keep"]["vs"] == "retriever" and loaded["bootstrap"]["resamples"] == 1000
+    assert "95% bootstrap interval over users" in md and "| retriever+keep | ndcg@10 | +0.0000 |" in md
+    assert "within noise" in md and "Spread over seeds" not in md  # one seed: no spread to show
+    with np.load(out / "ranks.npz") as saved:
+        assert list(saved["user_ids"]) == [f"u{n}" for n in range(60)]
+        np.testing.assert_array_equal(saved["retriever/seed0"], report.ranks["retriever"][0])
+    from recllm import report as reports
+
+    assert reports.load(out).to_markdown() == md  # a saved report renders again from its files
     # the saved retriever is re-evaluated without refitting, with the same figures
     again = evaluate.run_eval(items, inter, systems=("retriever",), retriever=out / "retriever-seed0", progress=False)
     assert again.systems["retriever"]["metrics"] == pytest.approx(systems["retriever"]["metrics"])
@@ -223,6 +285,29 @@ def test_run_eval_end_to_end_on_a_planted_pattern(tmp_path):
     assert both.systems["retriever+reverse"]["metrics"]["ndcg@10"] < systems["retriever"]["metrics"]["ndcg@10"]
 
 
+def test_report_keeps_the_interval_over_users_apart_from_the_spread_over_seeds(tmp_path):
+    from recllm import report as reports
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(1, 60, 400).astype(float)
+    ranks = {"retriever": [base, np.maximum(1, base - 1)], "retriever+llm": [np.maximum(1, base - 2)] * 2}
+    rep = reports.build(ranks, {}, seeds=[0, 1], user_ids=[str(n) for n in range(400)],
+                        command="recllm eval --seeds 0 1", data={"name": "toy", "users": 400},
+                        protocol={"phase": "test", "k_core": 5})
+    r = rep.systems["retriever"]
+    assert r["std"]["ndcg@10"] > 0 and len(r["per_seed"]) == 2  # the spread over seeds
+    keys, table = reports.user_table(ranks["retriever"])  # the interval: per-user values averaged over seeds
+    assert r["interval"]["ndcg@10"] == pytest.approx(
+        [metrics.bootstrap(table[:, keys.index("ndcg@10")])[k] for k in ("low", "high")])
+    cmp = rep.comparisons["retriever+llm"]["ndcg@10"]
+    assert cmp["difference"] > 0 and cmp["p_one_sided"] < 0.05 and reports.verdict(cmp) == "better"
+    md = rep.to_markdown()
+    assert "recllm eval --seeds 0 1" in md and "Spread over seeds (2 seeds)" in md
+    assert "not an interval over users" in md
+    rep.save(tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["command"] == "recllm eval --seeds 0 1"
+
+
 def test_unknown_system_is_a_clean_error():
     from recllm.errors import InputError
 
@@ -231,7 +316,7 @@ def test_unknown_system_is_a_clean_error():
 
 
 def test_metrics_of_a_perfect_scorer_are_one():
-    data = evaluate.split_sequences({f"u{n}": [f"i{(n + k) % 9}" for k in range(6)] for n in range(9)})
+    data = split.split_sequences({f"u{n}": [f"i{(n + k) % 9}" for k in range(6)] for n in range(9)})
     targets = data.test
     ranking = evaluate.rank_all(lambda h: np.eye(data.n_items, dtype=np.float32)[targets[: len(h)]], data, "test")
     assert metrics.summarize(ranking.ranks)["ndcg@5"] == 1.0

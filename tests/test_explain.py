@@ -21,7 +21,6 @@ from recllm.explain import (
     tidy,
     validate,
     why_answer,
-    why_from_trace,
 )
 
 TOY = Item("1", "Toy Story", 1995, ("Adventure", "Animation", "Comedy"))
@@ -223,37 +222,52 @@ def test_property_explanations_are_always_grounded(catalog, data):
 
 
 # -- why -----------------------------------------------------------------------------------------------------
-ROWS = [{"item_id": str(i), "title": f"Movie {i}", "rank": i, "llm_score": 3.0 - i, "retriever_score": 0.5,
-         "fused_score": 1.0 / i} for i in range(1, 9)]
+def why_result(shown: int, reason: str | None = None, history=("50", "51")):
+    """A result with 8 ranked candidates "1".."8" (LLM scores 2, 1, 0, ...), the top `shown` recommended."""
+    from recllm.rank import Ranked
+    from recllm.request import Recommendation, Request, Result
+    from recllm.retrieve import Candidate
+
+    ranked = [Ranked(Candidate(str(i), f"Movie {i}", 0.5, {}), 3.0 - i, 1.0 / i) for i in range(1, 9)]
+    recs = [Recommendation(r.candidate.item_id, r.candidate.title, r.fused_score, rank=n)
+            for n, r in enumerate(ranked[:shown], start=1)]
+    if reason is not None:
+        recs[0].reason = Explanation(reason, "fallback", Evidence("1"))
+    return Result(Request(), list(history), [f"Old {h}" for h in history], ranked, recs,
+                  prompt_order=[r.candidate.item_id for r in ranked])
 
 
 def test_why_recommended():
-    text = why_answer("2", "Movie 2", candidates=ROWS, shown=3, reason="Because you liked X.")
-    assert text.startswith("Movie 2 was recommended at #2 of 3 (out of 8 candidates).")
-    assert "Because you liked X." in text and "1.00" in text and "\n" not in text
+    text = why_answer("1", "Movie 1", why_result(3, "Because you liked X."))
+    assert text.startswith("Movie 1 was recommended at #1 of 3 (out of 8 candidates).")
+    assert "Because you liked X." in text and "\n" not in text
+    assert "Scores" not in text and "2.00" not in text  # raw scores only when asked for
+    assert "language model 2.00" in why_answer("1", "Movie 1", why_result(3), details=True)
 
 
 def test_why_not_recommended_but_candidate():
-    text = why_answer("5", "Movie 5", candidates=ROWS, shown=3)
+    text = why_answer("5", "Movie 5", why_result(3))
     assert "not recommended" in text and "#5 of 8" in text and "top 3" in text
 
 
 def test_why_not_a_candidate_and_in_history():
-    text = why_answer("99", "Other", candidates=ROWS, shown=3)
+    text = why_answer("99", "Other", why_result(3))
     assert "not recommended" in text and "not among the 8 candidates" in text
-    assert "already in your history" in why_answer("99", "Other", candidates=ROWS, shown=3, history_ids=["99"])
-
-
-def test_why_from_trace():
-    trace = {"candidates": ROWS, "history": ["50", {"item_id": "51"}],
-             "recommendations": [{"item_id": "1", "explanation": {"text": "Because you liked Y."}},
-                                 {"item_id": "2", "explanation": "Plain."}]}
-    assert "Because you liked Y." in why_from_trace("1", "Movie 1", trace)
-    assert "#2 of 2" in why_from_trace("2", "Movie 2", trace)
-    assert "#3 of 8" in why_from_trace("3", "Movie 3", trace)
-    assert "already in your history" in why_from_trace("51", "Old", trace)
+    assert "already in your history" in why_answer("51", "Old", why_result(3))
 
 
 @pytest.mark.parametrize("reason", ["", None])
 def test_why_without_reason_has_no_double_spaces(reason):
-    assert "  " not in why_answer("1", "Movie 1", candidates=ROWS, shown=2, reason=reason)
+    assert "  " not in why_answer("1", "Movie 1", why_result(2, reason))
+
+
+def test_one_list_of_ordinary_words_for_every_title_matcher():
+    """The validator and the chat's spotter read titles with one normalisation and one list of ordinary words
+    (`recllm.titles`): a one-word title that is an everyday word is never matched in a sentence."""
+    from recllm import titles
+
+    assert titles.STOP_WORDS <= titles.COMMON_WORDS and {"kids", "up", "it", "her", "story"} <= titles.COMMON_WORDS
+    matcher = TitleMatcher(["Kids", "Up", "Heat", "Toy Story"])
+    assert matcher.find("Kids will love it, and so will grown-ups: it is Up there with Heat.") == ["Heat"]
+    assert matcher.find("a toy Story") == ["Toy Story"]  # "story" is an everyday word, "Story" still a title
+    assert titles.normalize_title("Amélie: the Fabulous-Destiny!") == "amelie the fabulous destiny"

@@ -412,3 +412,28 @@ def test_folders_left_by_killed_writers_are_removed_by_the_next_write(tmp_path):
     replace_dir(target, lambda tmp: (tmp / "done").write_text("ok"))
     assert (target / "done").read_text() == "ok"
     assert not stale.exists() and live.exists()
+
+
+def test_a_complete_folder_another_process_built_meanwhile_is_kept(tmp_path):
+    """`replace_dir(keep=...)` (the converted-model cache, adapters): when another process finished the same
+    folder while this one was building, theirs stays (it may be in use) and ours is dropped; without `keep`
+    the new folder replaces the old. No temporary folder is left either way."""
+    from recllm.paths import replace_dir
+
+    target = tmp_path / "model"
+
+    def build(tmp, other_wins=True):
+        (tmp / "weights").write_text("mine")
+        (tmp / "source.json").write_text("{}")
+        if other_wins:  # another process renames its complete folder into place meanwhile
+            other = tmp_path / "other"
+            other.mkdir()
+            (other / "weights").write_text("theirs")
+            (other / "source.json").write_text("{}")
+            os.rename(other, target)
+
+    replace_dir(target, build, keep="source.json")
+    assert (target / "weights").read_text() == "theirs"
+    replace_dir(target, lambda tmp: build(tmp, other_wins=False))
+    assert (target / "weights").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -11,13 +11,15 @@ from hypothesis import strategies as st
 
 from recllm import paths
 from recllm.errors import PromptError
-from recllm.prompts import Prompt, join_and, load_prompt, sanitize
+from recllm.prompts import Prompt, join_and, load_prompt, load_sections, sanitize
 
 REQUIRED = {
     "system": set(),
     "rank": {"history", "candidates"},
     "explain": {"item", "liked", "shared"},
-    "why": {"title", "rank", "shown", "n_candidates", "reason", "llm_score", "retriever_score", "fused_score"},
+    "why": {"title", "rank", "shown", "n_candidates", "reason"},
+    "why_not_recommended": {"title", "rank", "shown", "n_candidates"},
+    "why_scores": {"llm_score", "retriever_score", "fused_score"},
 }
 
 
@@ -113,3 +115,26 @@ def test_join_and():
     assert join_and(["X"]) == "X"
     assert join_and(["X", "Y"]) == "X and Y"
     assert join_and(["X", "Y", "Z"]) == "X, Y and Z"
+
+
+def test_sections_split_a_file_of_sentences_into_prompts(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECLLM_PROMPTS", str(tmp_path))
+    (tmp_path / "lines.txt").write_text("# what this file is\n[hello]\nHello $name.\n\n[list]\n# a comment\n"
+                                        "   $reason\n\n[[user]]\n", encoding="utf-8")
+    sections = load_sections("lines")
+    assert list(sections) == ["hello", "list"]
+    assert sections["hello"].render(name="Ana") == "Hello Ana." and sections["hello"].name == "lines:hello"
+    assert sections["hello"].sha256 == hashlib.sha256(b"Hello $name.").hexdigest()
+    assert sections["list"].text == "   $reason\n\n[[user]]"  # leading spaces kept; a role marker is text
+    with pytest.raises(PromptError, match="Missing variables: name"):
+        sections["hello"].render()
+    (tmp_path / "twice.txt").write_text("[a]\nx\n[a]\ny\n", encoding="utf-8")
+    with pytest.raises(PromptError, match=r"\[a\] appears twice"):
+        load_sections("twice")
+
+
+def test_chat_sentences_are_sections_of_one_file():
+    sections = load_sections("chat_replies")
+    assert {"reset", "clarify", "item_line", "feedback_down"} <= set(sections)
+    assert sections["item_line"].variables == {"rank", "title", "genres"}
+    assert {"reset", "profile", "more"} <= set(load_sections("chat_intents"))

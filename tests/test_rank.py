@@ -142,7 +142,7 @@ def test_zscore_and_fuse():
 def test_ranking_trace(ranker):
     cands = candidates(4)
     ranked = ranker.rank(HISTORY, cands)
-    rows = ranking_trace(ranked, cands)
+    rows = ranking_trace(ranked, [c.item_id for c in cands])
     assert [r["rank"] for r in rows] == [1, 2, 3, 4]
     assert {r["letter"] for r in rows} == set(LETTERS[:4])
     first = rows[0]

@@ -7,21 +7,21 @@ import json
 import numpy as np
 import pytest
 
-from recllm import evaluate, seqrec, signals
+from recllm import evaluate, seqrec, signals, split
 from recllm.errors import ModelError
 
 FAST = seqrec.SeqConfig(dim=32, blocks=1, max_len=12, dropout=0.1, lr=5e-3, batch_size=16, max_epochs=40,
                         min_epochs=5, patience=8, time_budget_s=30)
 
 
-def cycle_data(n_items=30, n_users=60, length=10, seed=0) -> evaluate.EvalData:
+def cycle_data(n_items=30, n_users=60, length=10, seed=0) -> split.EvalData:
     """Every user walks i -> i+1 (mod n) from a random start: the next item is always known."""
     rng = np.random.default_rng(seed)
     seqs = {}
     for u in range(n_users):
         start = int(rng.integers(n_items))
         seqs[f"u{u}"] = [f"m{(start + t) % n_items}" for t in range(length)]
-    return evaluate.split_sequences(seqs, [f"m{n}" for n in range(n_items)], name="cycle")
+    return split.split_sequences(seqs, [f"m{n}" for n in range(n_items)], name="cycle")
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +157,34 @@ def test_candidate_signals_and_make_fuse_for_the_chroma_path(cycle):
     out = fuse(ranked, 2)
     assert len(out) == 2 and {i for i, _ in out} <= {"m3", "cold-item", "m7"}
     assert out[0][1] >= out[1][1]
+
+
+def test_changing_only_test_items_leaves_the_fit_unchanged(tmp_path):
+    """The held-out last item of every user never reaches fitting: swap them all and the fit is the same,
+    bit for bit (weights, transitions, popularity, fusion weights, the split fingerprint)."""
+    rng = np.random.default_rng(7)
+    seqs = {}
+    for u in range(40):
+        start = int(rng.integers(30))
+        seqs[f"u{u}"] = [f"m{(start + t) % 30}" for t in range(10)]
+    swapped = {u: s[:-1] + [f"m{(int(s[0][1:]) + 15) % 30}"] for u, s in seqs.items()}  # a new, unseen last item
+    items = [f"m{n}" for n in range(30)]
+    a, b = split.split_sequences(seqs, items), split.split_sequences(swapped, items)
+    assert a.item_ids == b.item_ids and (a.test != b.test).all()
+    assert all((x == y).all() for x, y in zip(a.train, b.train)) and (a.valid == b.valid).all()
+    tiny = seqrec.SeqConfig(dim=8, blocks=1, max_len=8, max_epochs=3, min_epochs=1, batch_size=16)
+    vectors = np.random.default_rng(1).normal(size=(30, 4)).astype(np.float32)
+    fa, fb = (seqrec.fit_on_split(d, seed=0, config=tiny, content=vectors, progress=False) for d in (a, b))
+    assert seqrec.data_fingerprint(a) == seqrec.data_fingerprint(b) == fa.meta["data_fingerprint"]
+    assert fa.weights == fb.weights and fa.meta["transition_config"] == fb.meta["transition_config"]
+    sa, sb = fa.encoder.model.state_dict(), fb.encoder.model.state_dict()
+    assert all(torch_equal(sa[k], sb[k]) for k in sa)
+    np.testing.assert_array_equal(fa.popularity, fb.popularity)
+    np.testing.assert_array_equal(fa.transitions.data, fb.transitions.data)
+    np.testing.assert_array_equal(fa.scores_idx(a.histories("test")), fb.scores_idx(a.histories("test")))
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return bool(torch.equal(x, y))

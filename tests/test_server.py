@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
+
 pytestmark = pytest.mark.server
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = 24  # batch rows
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(home: Path) -> dict:
@@ -46,7 +41,7 @@ def chroma_url(tmp_path_factory):
     exe = str(exe) if exe.exists() else shutil.which("chroma")
     assert exe, "the `chroma` command of chromadb is not installed"
     folder = tmp_path_factory.mktemp("chroma-server")
-    port = _free_port()
+    port = free_port()
     log = open(folder / "server.log", "wb")
     proc = subprocess.Popen([exe, "run", "--path", str(folder / "db"), "--host", "127.0.0.1", "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
@@ -166,7 +161,7 @@ def test_batch_on_one_and_two_processes_sharing_the_server(indexed, small_catalo
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     _run([sys.executable, "-m", "recllm.batch", str(src), "-o", str(one), *args], tmp_path / "home1")
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    done = _run([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "recllm.batch",
+    done = _run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "recllm.batch",
                  str(src), "-o", str(two), *args], tmp_path / "home2")  # fmt: skip
     assert "on 2 processes" in done.stderr
     rows_one, rows_two = _stable(one), _stable(two)
