@@ -470,8 +470,43 @@ def run_forget(args) -> int:
     return 0
 
 
+def add_eval_conversations(sub) -> None:
+    parser = sub.add_parser("eval-conversations", help="recommend from ReDial-format dialogues: Recall@1/10/50 at "
+                            "every recommender turn, tune / held-out split, popularity floor alongside")
+    parser.add_argument("dialogues", metavar="DIALOGUES", help="ReDial JSONL (e.g. ../shared/data/redial-dev/dialogues.jsonl)")
+    parser.add_argument("--movies", metavar="CSV", help="the movie list (movieId,movieName or item_id,title; "
+                        "default: movies.csv next to DIALOGUES)")
+    parser.add_argument("--link", metavar="CATALOG", help="link the titles to this catalog by title + year "
+                        "('movielens': the bundled one) for genres, tags and its interactions")
+    parser.add_argument("--link-interactions", metavar="CSV", help="interactions of the --link catalog")
+    parser.add_argument("--cross-fit", action="store_true", help="also report with knowledge from every dialogue "
+                        "outside the held-out dialogue's fold (weights still from the tune half)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the tune / held-out split (default 0)")
+    parser.add_argument("--limit", type=int, help="only the first N dialogues (a quick check)")
+    parser.add_argument("--out", metavar="DIR", help="write report.json and report.md here")
+    add_output_args(parser)
+    parser.set_defaults(func=run_eval_conversations)
+
+
+def run_eval_conversations(args) -> int:
+    from pathlib import Path
+
+    from recllm import conversation_eval
+    from recllm.report import command_line
+
+    movies = args.movies or Path(args.dialogues).with_name("movies.csv")
+    report = conversation_eval.evaluate(args.dialogues, movies, link_to=args.link,
+                                        link_interactions=args.link_interactions, seed=args.seed,
+                                        cross_fit=args.cross_fit, progress=not args.quiet, limit=args.limit)
+    report["command"] = command_line()
+    if args.out:
+        conversation_eval.write_report(report, args.out)
+    print(json.dumps(report, indent=1) if args.json else conversation_eval.to_markdown(report))
+    return 0
+
+
 SUBCOMMANDS = [add_index, add_recommend, add_why, add_items, add_serve, add_batch, add_train, add_fit_retriever,
-               add_eval, add_demo, add_forget]
+               add_eval, add_eval_conversations, add_demo, add_forget]
 
 
 def build_parser() -> argparse.ArgumentParser:

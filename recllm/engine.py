@@ -213,9 +213,10 @@ class Recommender:
                 results.append(p)
                 continue
             try:
-                results.append(self._result(p, ranked.get(i), rank_seconds if i in ranked else 0.0, deadline))
+                results.append(self._result(p, ranked.get(i), rank_seconds if i in ranked else 0.0))
             except RecllmError as exc:
                 results.append(exc)
+        self._explain_top(results, deadline)
         log.debug("recommend_many: %d requests in %.2fs", len(requests), time.perf_counter() - started)
         return results
 
@@ -223,7 +224,7 @@ class Recommender:
         return RequestTimeout(f"the request ran past its time limit ({self.limits.timeout_s:g} s) and was stopped; "
                               "try again, ask for fewer items, or raise RECLLM_TIMEOUT_S")
 
-    def _result(self, p: _Prepared, ranked, rank_seconds: float, deadline: float | None = None) -> Result:
+    def _result(self, p: _Prepared, ranked, rank_seconds: float) -> Result:
         request, candidates = p.request, p.candidates
         prompt_order = [c.item_id for c in candidates[: self.limits.candidates]] if ranked is not None else []
         ranked = order_scores(candidates, ranked)
@@ -240,13 +241,23 @@ class Recommender:
             prompt_order=prompt_order, ranker=ranker, retriever=self.describe()["retriever"],
             catalog={"name": self.catalog.name, "fingerprint": self.catalog.fingerprint},
             timings={"retrieve_s": round(p.retrieve_seconds, 4), "rank_s": round(rank_seconds, 4)})
-        n = self.explain_n if request.explain is None else request.explain
-        t0 = time.perf_counter()
-        for rank in range(1, min(n, len(recs)) + 1):
-            for _ in self.explain_stream(result, rank, deadline=deadline):
-                pass
-        result.timings["explain_s"] = round(time.perf_counter() - t0, 4)
         return result
+
+    def _explain_top(self, results: list, deadline: float) -> None:
+        """Explain the top `explain` items of every result in one batched generation."""
+        asks = []
+        for result in results:
+            if isinstance(result, Result):
+                n = self.explain_n if result.request.explain is None else result.request.explain
+                asks += [(result, rank) for rank in range(1, min(n, len(result.recommendations)) + 1)]
+        t0 = time.perf_counter()
+        for _ in self.explain_many(asks, deadline=deadline):
+            pass
+        seconds = round(time.perf_counter() - t0, 4)
+        for result in results:
+            if isinstance(result, Result):
+                result.timings["explain_s"] = seconds  # the whole batch: explanations are decoded together
+
 
     # ------------------------------------------------------------------ explanations and why
 
@@ -261,26 +272,38 @@ class Recommender:
         return evidence(self.catalog.get(item_id), items, None, None)
 
     def explain_stream(self, result: Result, rank: int, deadline: float | None = None) -> Iterator[str]:
-        """Stream the explanation of the recommendation at `rank` (1-based) piece by piece; when done, the
-        validated `Explanation` is the recommendation's `reason` (a rejected draft is replaced by the fallback).
-        Generation stops between tokens at `deadline` (`time.monotonic()`; default: `limits.timeout_s` from
-        now) and the fallback is used. With no history there is no evidence to phrase: the plain sentence."""
+        """Stream the explanation of the recommendation at `rank` (1-based) piece by piece (see `explain_many`)."""
+        for _, piece in self.explain_many([(result, rank)], deadline=deadline):
+            yield piece
+
+    def explain_many(self, asks: list[tuple[Result, int]], deadline: float | None = None,
+                     ) -> Iterator[tuple[int, str]]:
+        """Explain several recommendations (`(result, rank)` pairs, 1-based ranks, of one or many results) in
+        ONE batched generation; yields `(i, text piece)` as pieces come. When an item is done its validated
+        `Explanation` is the recommendation's `reason`; a rejected draft is replaced by the fallback, streamed
+        as a last piece "\n<fallback>". Generation stops between tokens at `deadline` (`time.monotonic()`;
+        default: `limits.timeout_s` from now) and the fallback is used. With no history there is no evidence
+        to phrase: the plain sentence, and no model is loaded for it."""
         from recllm.explain import Explanation
 
         if deadline is None:
             deadline = time.monotonic() + self.limits.timeout_s
-        rec = result.recommendations[rank - 1]
-        ev = self.evidence(rec.item_id, result.history)
-        explainer = self.explainer if result.history else self.plain_explainer
-        final = None
-        for piece in explainer.stream(self.catalog.get(rec.item_id), ev, deadline=deadline):
-            if isinstance(piece, Explanation):
-                final = piece
-            else:
-                yield piece
-        rec.reason = final
-        if final.source == "fallback" and final.draft is not None:
-            yield "\n" + final.text  # the streamed draft was rejected; the grounded fallback replaces it
+        recs = [result.recommendations[rank - 1] for result, rank in asks]
+        work = [(self.catalog.get(rec.item_id), self.evidence(rec.item_id, result.history))
+                for rec, (result, _) in zip(recs, asks)]
+        for model in (False, True):  # the plain sentences first (instant), then one batch for the model
+            group = [i for i, (result, _) in enumerate(asks) if bool(result.history) == model]
+            if not group:
+                continue
+            explainer = self.explainer if model else self.plain_explainer
+            for j, piece in explainer.stream_many([work[i] for i in group], deadline=deadline):
+                i = group[j]
+                if not isinstance(piece, Explanation):
+                    yield i, piece
+                    continue
+                recs[i].reason = piece
+                if piece.source == "fallback" and piece.draft is not None:
+                    yield i, "\n" + piece.text  # the streamed draft was rejected; the fallback replaces it
 
     def why(self, question: str, result: Result, *, details: bool = False) -> str:
         """Answer "why (not) X?" from the facts of `result`. `question`: a question ("why did you suggest

@@ -216,6 +216,7 @@ class Explainer:
         self.config = config or ExplainConfig()
         self.prompt = load_prompt(prompt, EXPLAIN_VARIABLES)
         self.matcher = titles if isinstance(titles, TitleMatcher) or titles is None else TitleMatcher(titles)
+        self._banned: dict[str, list[list[int]]] = {}  # item id -> banned token sequences
 
     def describe(self) -> dict:
         base = self.lm.describe() if self.lm is not None else {"model": None, "adapter": None}
@@ -235,37 +236,89 @@ class Explainer:
         return self.lm.chat_text(self.messages(item, evidence))
 
     def stream(self, item: Item, evidence: Evidence, deadline: float | None = None) -> Iterator[str | Explanation]:
-        """Yield text pieces as they come, then one final `Explanation`.
+        """Yield text pieces as they come, then one final `Explanation` (see `stream_many`)."""
+        for _, piece in self.stream_many([(item, evidence)], deadline):
+            yield piece
+
+    def stream_many(self, asks: Sequence[tuple[Item, Evidence]], deadline: float | None = None,
+                    ) -> Iterator[tuple[int, str | Explanation]]:
+        """Explain several items in ONE batched generation: yields `(i, text piece)` as pieces come and, once per
+        item, `(i, Explanation)` as soon as that item is done (checked, or replaced by the fallback).
 
         The template's answer prefix (e.g. "You may enjoy X because") comes first, then the model's tokens.
         When the final explanation is a fallback, the streamed pieces were rejected: show `.text` instead.
-        Past `deadline` (a `time.monotonic()` value) generation stops between tokens and the fallback is used.
+        Words that would contradict the item's data (`claims.banned_words`) are never generated, and the
+        finished text is checked again. Past `deadline` (a `time.monotonic()` value) generation stops between
+        tokens and the unfinished items get the fallback.
         """
         meta = self.describe()
         if self.lm is None:
-            yield self._fallback(evidence, meta)
+            for i, (_, ev) in enumerate(asks):
+                yield i, self._fallback(ev, meta)
             return
-        cfg = self.config
-        messages = self.messages(item, evidence)
-        prefix = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
-        pieces = [prefix] if prefix else []
-        if prefix:
-            yield prefix
+        prompts, drafts = [], []
+        for i, (item, ev) in enumerate(asks):
+            messages = self.messages(item, ev)
+            prefix = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
+            prompts.append(self.lm.chat_text(messages))
+            drafts.append(prefix)
+            if prefix:
+                yield i, prefix
+        prefixes = list(drafts)
         late = deadline is not None and time.monotonic() > deadline
+        finished: set[int] = set()
         if not late:
-            generated = self.lm.stream(self.lm.chat_text(messages), cfg.max_new_tokens,
-                                       stop=("\n",), repetition_penalty=cfg.repetition_penalty)
-            for piece in generated:
-                pieces.append(piece)
-                yield piece
+            generated = self._generate(prompts, [item for item, _ in asks])
+            for i, piece in generated:
+                if piece is None:
+                    finished.add(i)
+                    yield i, self._finish(asks[i], drafts[i], prefixes[i], meta)
+                    continue
+                drafts[i] += piece
+                yield i, piece
                 if deadline is not None and time.monotonic() > deadline:
                     late = True
                     break
-            getattr(generated, "close", lambda: None)()  # no more tokens are computed
-        draft = "".join(pieces)
-        if late:
-            yield self._fallback(evidence, meta, rejected="stopped: past the time limit", draft=draft)
-            return
+            generated.close()  # no more tokens are computed
+        for i, (item, ev) in enumerate(asks):
+            if i not in finished:
+                yield i, (self._fallback(ev, meta, rejected="stopped: past the time limit", draft=drafts[i]) if late
+                          else self._finish((item, ev), drafts[i], prefixes[i], meta))
+
+    def _generate(self, prompts: list[str], items: list[Item]) -> Iterator[tuple[int, str | None]]:
+        cfg = self.config
+        banned = [self.banned_tokens(item) for item in items]
+        if len(prompts) == 1:  # one item: the plain stream (what any LM-like object offers)
+            pieces = self.lm.stream(prompts[0], cfg.max_new_tokens, stop=("\n",),
+                                    repetition_penalty=cfg.repetition_penalty, banned=banned[0])
+            rows = ((0, piece) for piece in pieces)
+        else:
+            pieces = rows = self.lm.stream_many(prompts, cfg.max_new_tokens, stop=("\n",),
+                                                repetition_penalty=cfg.repetition_penalty, banned=banned)
+        try:
+            yield from rows
+            if len(prompts) == 1:
+                yield 0, None
+        finally:
+            getattr(pieces, "close", lambda: None)()  # stop the model's generator: no more tokens are computed
+
+    def banned_tokens(self, item: Item) -> list[list[int]]:
+        """Token sequences of the words the model may not write about `item` (`claims.banned_words`), as
+        they appear after a space, lower-case and capitalised."""
+        from recllm.claims import banned_words
+
+        if item.item_id not in self._banned:
+            tokenizer = self.lm.tokenizer
+            forms = {f" {w}" for w in banned_words(item)} | {f" {w.capitalize()}" for w in banned_words(item)}
+            self._banned[item.item_id] = [tokenizer(f, add_special_tokens=False)["input_ids"] for f in sorted(forms)]
+        return self._banned[item.item_id]
+
+    def _finish(self, ask: tuple[Item, Evidence], draft: str, prefix: str, meta: dict) -> Explanation:
+        """The checked explanation of a finished draft, else the fallback (with the reason it was rejected)."""
+        from recllm.claims import contradictions, unsupported_praise
+
+        item, evidence = ask
+        cfg = self.config
         text, complete = tidy(draft, cfg.max_sentences)
         if not complete and text and not self._hit_token_limit(draft[len(prefix):]):
             text, complete = text.rstrip(",;:- ") + ".", True  # the model stopped without a full stop
@@ -275,9 +328,15 @@ class Explainer:
         if problem is None and has_role_tag(draft):
             problem = "contains a chat role tag"  # e.g. echoed from an injected catalog title
         if problem is None:
-            yield Explanation(text, "llm", evidence, meta=meta)
-        else:
-            yield self._fallback(evidence, meta, rejected=problem, draft=draft)
+            wrong = contradictions(text, item, titles=evidence.titles)
+            praise = unsupported_praise(text, titles=[item.title, *evidence.titles])
+            if wrong:
+                problem = "contradicts the item's data: " + ", ".join(wrong[:3])
+            elif praise:
+                problem = "praise with no source: " + ", ".join(praise[:3])
+        if problem is None:
+            return Explanation(text, "llm", evidence, meta=meta)
+        return self._fallback(evidence, meta, rejected=problem, draft=draft)
 
     def _fallback(self, evidence: Evidence, meta: dict, **why: str) -> Explanation:
         """The plain sentence from the evidence, as a final `Explanation` (`why`: rejected=..., draft=...)."""

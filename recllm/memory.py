@@ -10,12 +10,19 @@ last line, which is skipped on reading. File names are digests, so user ids neve
 `forget(user)` deletes that person's files under every catalog: this folder is the only place recllm keeps
 anything about a person (the Chroma store holds catalog items only, and batch outputs are files the caller
 named).
+
+Several app replicas share one memory by pointing `RECLLM_MEMORY` at one folder (a disk they all mount): a chat
+started from a user id on one replica finds the thumbs given on another, and `recllm forget` run with the same
+`RECLLM_MEMORY` removes them for all. Records are read when a session starts from a user id, so nothing is cached
+per process. The one-`write` appends are whole lines on a local file system; a network file system must keep
+O_APPEND writes atomic (NFS does not across clients: there, serve each user from one replica at a time).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -27,8 +34,10 @@ MAX_RECORD_CHARS = 20_000  # a message or reply longer than this is stored cut t
 
 
 def root() -> Path:
-    """`<home>/memory`: one folder per catalog."""
-    return paths.home() / "memory"
+    """`$RECLLM_MEMORY` when set (one folder every app replica shares), else `<home>/memory`; one folder per
+    catalog inside."""
+    env = os.environ.get("RECLLM_MEMORY", "").strip()
+    return Path(env).expanduser() if env else paths.home() / "memory"
 
 
 def _user_key(user: object) -> str:

@@ -3,7 +3,8 @@
     parser = argparse.ArgumentParser(); EngineOptions.add_arguments(parser)
     recommender = EngineOptions.from_args(parser.parse_args()).build()
 
-Each option is defined once here, with its default and help text; `RECLLM_RANKER` sets the ranker default.
+Each option is defined once here, with its default and help text; `RECLLM_RANKER` sets the ranker default and
+`RECLLM_LLM_URL` the LLM server's (`--llm-url`: the model is asked over HTTP, `llm.remote.RemoteLM`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class EngineOptions:
     explain: int = DEFAULT_EXPLAIN  # top items explained per request
     fusion_weight: float | None = None  # LLM share of the final score (None: the adapter's, else 0.5)
     allow_mismatch: bool = False  # load an adapter trained on another base model or prompt (warning only)
+    llm_url: str | None = None  # an OpenAI-compatible server (vLLM) serving the model and adapter (None: in-process)
     quiet: bool = False  # no progress bars
 
     @staticmethod
@@ -58,6 +60,9 @@ class EngineOptions:
                                 "another base model or prompt (a warning, not an error)")
             parser.add_argument("--fusion-weight", type=float, metavar="W",
                                 help="LLM share of the final score, 0..1 (default: the adapter's, else 0.5)")
+            parser.add_argument("--llm-url", metavar="URL", default=os.environ.get("RECLLM_LLM_URL") or None,
+                                help="an OpenAI-compatible LLM server (vLLM) serving --model and --adapter, "
+                                     "http://host:port (default: $RECLLM_LLM_URL, else the model runs in-process)")
         if explain:
             parser.add_argument("--explain", type=int, default=DEFAULT_EXPLAIN, metavar="N",
                                 help=f"explain the top N items (default {DEFAULT_EXPLAIN}; 0: fastest)")
@@ -76,4 +81,18 @@ class EngineOptions:
         values = asdict(self)
         catalog, interactions = values.pop("catalog"), values.pop("interactions")
         values["progress"] = not values.pop("quiet")
+        llm_url = values.pop("llm_url")
+        if llm_url and self.ranker == "llm" and overrides.get("lm") is None:
+            overrides["lm"] = self.remote_lm(llm_url)
         return Recommender(catalog, interactions, **{**values, **overrides})
+
+    def remote_lm(self, url: str):
+        """The model and adapter these options name, served by the LLM server at `url` (`llm.remote.RemoteLM`);
+        the adapter is read as the engine reads it ("auto": the shipped one of the default model)."""
+        from recllm.engine import adapter_choice, default_adapter
+        from recllm.llm.remote import RemoteLM
+
+        adapter = adapter_choice(self.adapter)
+        if adapter == "auto":
+            adapter = default_adapter(self.model)
+        return RemoteLM(url, self.model, adapter, allow_mismatch=self.allow_mismatch)

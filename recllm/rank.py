@@ -3,7 +3,9 @@
 The prompt (prompts/rank.txt) lists the user's history as numbered titles (the most recent `max_history`,
 oldest first) and the candidates as options (A)..(T), and ends with the answer prefix `Answer: (`. The score of
 candidate i is the next-token logit of its letter: nothing is generated or parsed, so the output is always a
-permutation of the candidates given.
+permutation of the candidates given. The model is asked through ONE method, `letter_scores(prompts, letter_ids)`:
+`llm.LM` (in-process) returns the logits, `llm.remote.RemoteLM` (an OpenAI-compatible server, `--llm-url`) the
+log-probabilities, which differ from the logits by one constant per prompt that the z-score below removes.
 
 Fusion: `fused = w * z(llm) + (1 - w) * z(retriever)`, z = z-score over the candidates of one request
 (0 when all scores are equal). w comes from the `fusion_weight` argument, else the adapter's metadata, else
@@ -17,7 +19,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 
@@ -48,11 +50,23 @@ class RankConfig:
         return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "batch_size"}
 
 
+class LetterScorer(Protocol):
+    """What the ranker needs of a model (`llm.LM` in-process, `llm.remote.RemoteLM` on an LLM server)."""
+
+    adapter_metadata: dict
+    adapter_id: str | None
+
+    def chat_text(self, messages: Sequence[dict[str, str]]) -> str: ...
+    def letter_token_ids(self, n: int = 20, prefix: str = "(") -> list[int]: ...
+    def letter_scores(self, prompts: Sequence[str], letter_ids: Sequence[int], batch_size: int = 8) -> np.ndarray: ...
+    def describe(self) -> dict: ...
+
+
 class Ranked(NamedTuple):
     """One ranked candidate: unpacks as `(candidate, llm_score, fused_score)`."""
 
     candidate: Candidate
-    llm_score: float  # next-token logit of the candidate's letter
+    llm_score: float  # the candidate's letter score: next-token logit (in-process) or log-probability (LLM server)
     fused_score: float  # the order key (see module doc)
 
 
@@ -86,7 +100,7 @@ def fuse(llm_scores: Sequence[float], retriever_scores: Sequence[float], weight:
 class LLMRanker:
     """Scores and orders retriever candidates with a causal LM (see module doc)."""
 
-    def __init__(self, lm: LM, prompt: str = "rank", fusion_weight: float | None = None,
+    def __init__(self, lm: LM | LetterScorer, prompt: str = "rank", fusion_weight: float | None = None,
                  config: RankConfig | None = None) -> None:
         self.lm = lm
         meta = lm.adapter_metadata
@@ -144,20 +158,21 @@ class LLMRanker:
         Past `deadline` (a `time.monotonic()` value) no further batch is started: `RequestTimeout`.
         """
         prompts = [self.build_prompt(h, c) for h, c in requests if len(c)]
-        logits = self._logits(prompts, deadline)
+        letters = self._letter_scores(prompts, deadline)
         out, row = [], 0
         for _, candidates in requests:
             if not len(candidates):
                 out.append(np.zeros(0))
                 continue
-            ids = self.letter_ids[: len(candidates)]
-            out.append(logits[row][ids].double().numpy())
+            out.append(letters[row][: len(candidates)])
             row += 1
         return out
 
-    def _logits(self, prompts: list[str], deadline: float | None) -> list:
-        """Next-token logits per prompt, `batch_size` prompts per forward pass (shortest first, as
-        `LM.next_token_logits` groups them), checking `deadline` before each pass."""
+    def _letter_scores(self, prompts: list[str], deadline: float | None) -> list[np.ndarray]:
+        """The scores of all letters per prompt through the model's one ranking call, `lm.letter_scores`
+        (in-process: next-token logits; on an LLM server: log-probabilities, the same up to one constant per
+        prompt). `batch_size` prompts per call, shortest first (as `LM.next_token_logits` groups them), checking
+        `deadline` before each call."""
         size = max(1, self.config.batch_size)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         rows: list = [None] * len(prompts)
@@ -165,9 +180,9 @@ class LLMRanker:
             if deadline is not None and time.monotonic() > deadline:
                 raise RequestTimeout("ranking stopped: the request ran past its time limit")
             chunk = order[start:start + size]
-            logits = self.lm.next_token_logits([prompts[i] for i in chunk], batch_size=size)
+            scores = self.lm.letter_scores([prompts[i] for i in chunk], self.letter_ids, batch_size=size)
             for row, i in enumerate(chunk):
-                rows[i] = logits[row]
+                rows[i] = np.asarray(scores[row], dtype=np.float64)
         return rows
 
     def rank_many(self, requests: Sequence[tuple[Sequence[str], Sequence[Candidate]]],

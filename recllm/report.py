@@ -192,7 +192,8 @@ class Report:
         subset = {n: r for n, r in self.systems.items() if "retrieved_subset" in r}
         if subset:
             lines += ["", "## Users whose true item is in the top 20 (the system's own; for retriever+ranker, "
-                      "the retriever's)", "", "Means over these users (no interval: a different set per system).", ""]
+                      "the retriever's)", "",
+                      "Means over these users (no interval: who is in the subset depends on the system).", ""]
             lines += _table(subset, ["users"] + all_cols,
                             lambda r, c: _users(r["retrieved_subset"]["users"]) if c == "users"
                             else f"{r['retrieved_subset']['metrics'][c]:.4f}")

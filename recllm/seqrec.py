@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from recllm.errors import ModelError
-from recllm.sasrec import REFIT, SeqConfig, SeqEncoder, first_line, train  # noqa: F401 (SeqConfig, train: re-exported)
+from recllm.sasrec import REFIT, SeqConfig, SeqEncoder, first_line, train
 
 
 FUSION_FILE = "fusion.json"
@@ -225,7 +225,7 @@ def tune_transitions(data, users: np.ndarray, *, start=None, rounds: int = 2):
     """Coordinate search over `TRANSITION_GRID` for the transition settings with the best validation
     NDCG@10 on `users` (indices). Returns (TransitionConfig, value)."""
     from recllm import metrics
-    from recllm.signals import TransitionConfig, Transitions, popularity_tiebreak
+    from recllm.signals import TransitionConfig, Transitions, coordinate_search, popularity_tiebreak
 
     hist = [data.train[u] for u in users]
     targets = data.valid[users]
@@ -241,20 +241,9 @@ def tune_transitions(data, users: np.ndarray, *, start=None, rounds: int = 2):
         trans.config = TransitionConfig(**cfg)
         return metrics.ndcg_at_k(metrics.ranks_excluding(np.log1p(trans.scores(hist)) + tie, hist, targets), 10)
 
-    cfg = asdict(start or TransitionConfig(gaps=5, gap_decay=0.85, last=20, last_decay=0.7, normalize=0.75, backward=0.6))
-    best = value(cfg)
-    for _ in range(rounds):
-        improved = False
-        for key, grid in TRANSITION_GRID.items():
-            for v in grid:
-                trial = dict(cfg, **{key: v})
-                if trial == cfg:
-                    continue
-                val = value(trial)
-                if val > best + 1e-6:
-                    best, cfg, improved = val, trial, True
-        if not improved:
-            break
+    cfg = asdict(start or TransitionConfig(gaps=5, gap_decay=0.85, last=20, last_decay=0.7, normalize=0.75,
+                                           backward=0.6))
+    cfg, best = coordinate_search(cfg, TRANSITION_GRID, value, rounds=rounds, min_gain=1e-6)
     return TransitionConfig(**cfg), best
 
 

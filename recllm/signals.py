@@ -11,7 +11,8 @@ a subset of candidates gives the same values as scoring the whole catalog):
 - `popularity`: log1p of the item's training interaction count.
 
 `fuse(signal_scores, weights)` is a weighted sum of these (a product of experts in log space); the
-weights are chosen on the validation split by `choose_weights`.
+weights are chosen on the validation split by `choose_weights` (a `coordinate_search`, which also tunes
+the transition settings in `recllm.seqrec`).
 """
 
 from __future__ import annotations
@@ -182,19 +183,26 @@ def choose_weights(
     if base not in weights:
         weights[names[0]] = 1.0
         base = names[0]
-    best = evaluate(fuse(signal_scores, weights))
+    return coordinate_search(weights, {n: grid for n in names if n != base},
+                             lambda w: evaluate(fuse(signal_scores, w)), rounds=rounds)
+
+
+def coordinate_search(start: dict, grids: dict, value, *, rounds: int = 2,
+                      min_gain: float = 1e-9) -> tuple[dict, float]:
+    """Coordinate ascent over a grid: each key of `grids` in turn tries every value of its grid, keeping a change
+    when `value(settings)` gains more than `min_gain`; at most `rounds` passes, fewer when a pass changes nothing.
+    Returns (best settings, best value)."""
+    best_cfg, best = dict(start), value(dict(start))
     for _ in range(rounds):
         improved = False
-        for name in names:
-            if name == base:
-                continue
-            for w in grid:
-                if w == weights[name]:
+        for key, grid in grids.items():
+            for v in grid:
+                trial = dict(best_cfg, **{key: v})
+                if trial == best_cfg:
                     continue
-                trial = dict(weights, **{name: w})
-                value = evaluate(fuse(signal_scores, trial))
-                if value > best + 1e-9:
-                    best, weights, improved = value, trial, True
+                val = value(trial)
+                if val > best + min_gain:
+                    best, best_cfg, improved = val, trial, True
         if not improved:
             break
-    return weights, best
+    return best_cfg, best

@@ -55,6 +55,18 @@ class ScriptedLM:
         for word in self.text.split(" ")[:max_new_tokens]:
             yield " " + word
 
+    @property
+    def tokenizer(self):
+        from recllm.llm import default_tokenizer
+
+        return default_tokenizer()
+
+    def stream_many(self, prompts, max_new_tokens, **kwargs):
+        for row, prompt in enumerate(prompts):
+            for piece in self.stream(prompt, max_new_tokens):
+                yield row, piece
+            yield row, None
+
 
 def test_evidence_picks_the_most_similar_history_items():
     history = [TOY, HEAT, SABRINA]

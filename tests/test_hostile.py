@@ -34,7 +34,7 @@ from recllm.chat import ChatSession
 from recllm.engine import Limits, Recommender, Request
 from recllm.errors import CatalogError, InputError, RecllmError, RequestTimeout
 from recllm.explain import Evidence, Explainer, TitleMatcher, fallback_text, named_titles_outside
-from recllm.llm import LETTERS
+from recllm.llm import LETTERS, LM
 from recllm.prompts import has_role_tag
 from recllm.rank import LLMRanker
 
@@ -76,11 +76,23 @@ class RecordingLM:
             logits[:, self.prefer] += 1e4
         return logits
 
+    def letter_scores(self, prompts, letter_ids, batch_size=8):  # the ranker's call, through next_token_logits above
+        return LM.letter_scores(self, prompts, letter_ids, batch_size)
+
     def stream(self, prompt, *args, **kwargs):
         self.prompts.append(prompt)
         if self.say is not None:
             return iter(self.say)
         return self.lm.stream(prompt, *args, **kwargs)
+
+    def stream_many(self, prompts, *args, **kwargs):
+        self.prompts += list(prompts)
+        if self.say is None:
+            yield from self.lm.stream_many(prompts, *args, **kwargs)
+            return
+        for row in range(len(prompts)):
+            yield from ((row, piece) for piece in self.say)
+            yield row, None
 
 
 @pytest.fixture(scope="module")
@@ -438,10 +450,10 @@ def test_a_request_past_its_time_limit_ends_with_a_message(rec, recorder, monkey
     assert "\n" not in str(err.value) and rank_prompts(recorder) == []  # stopped before any model batch
     results = rec.recommend_many([Request(user="1"), Request(user="2"), Request(user="1", k=999)])
     assert [type(r) for r in results] == [RequestTimeout, RequestTimeout, InputError]
-    cold = rec.recommend(query="a funny comedy", k=3, explain=2)  # nothing to rank: explanations fall back
-    assert [r.explanation for r in cold.recommendations[:2]] and all(r.explanation for r in cold.recommendations[:2])
-    assert all(e["explanation"]["rejected"] == "stopped: past the time limit"
-               for e in cold.trace["recommendations"][:2])
+    recorder.prompts.clear()
+    cold = rec.recommend(query="a funny comedy", k=3, explain=2)  # no history: nothing to rank or to phrase
+    assert all(r.explanation for r in cold.recommendations[:2])
+    assert all(r.reason.source == "fallback" for r in cold.recommendations[:2]) and recorder.prompts == []
     reply = ChatSession(rec, explain=0).respond("I loved Heat")
     assert reply.intent == "error" and "time limit" in reply.text
 

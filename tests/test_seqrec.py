@@ -188,3 +188,15 @@ def torch_equal(x, y) -> bool:
     import torch
 
     return bool(torch.equal(x, y))
+
+
+def test_coordinate_search_climbs_one_setting_at_a_time():
+    calls = []
+
+    def value(cfg):
+        calls.append(cfg)
+        return -(cfg["a"] - 2) ** 2 - (cfg["b"] - 0.5) ** 2
+
+    best, v = signals.coordinate_search({"a": 0, "b": 0.0}, {"a": (0, 1, 2, 3), "b": (0.0, 0.5, 1.0)}, value)
+    assert best == {"a": 2, "b": 0.5} and v == 0
+    assert calls[0] == {"a": 0, "b": 0.0} and len(calls) == 1 + 5 + 5  # start, then two passes (the 2nd finds nothing)

@@ -117,16 +117,23 @@ def check_adapter(meta: dict, model_id: str, name: str = "adapter") -> list[str]
     return problems
 
 
-def apply_adapter(lm: LM, adapter: str | Path, *, allow_mismatch: bool = False, copy_model: bool = True) -> LM:
-    """A new LM: `lm` with the LoRA adapter merged in, after checking its metadata against `lm` and prompts/."""
+def checked_adapter(adapter: str | Path, model_id: str, *, allow_mismatch: bool = False) -> tuple[Path, dict]:
+    """(folder, metadata) of an adapter whose metadata fits `model_id` and prompts/ (AdapterError otherwise; with
+    `allow_mismatch` the problems are warnings). Used in-process (`apply_adapter`) and for a served adapter."""
     folder = resolve_adapter(adapter)
     meta = read_adapter_metadata(folder)
-    problems = check_adapter(meta, lm.model_id, folder.name)
+    problems = check_adapter(meta, model_id, folder.name)
     if problems and not allow_mismatch:
         raise AdapterError(problems[0])
     for problem in problems:
-        warnings.warn(problem, stacklevel=2)
+        warnings.warn(problem, stacklevel=3)
         log.warning(problem)
+    return folder, meta
+
+
+def apply_adapter(lm: LM, adapter: str | Path, *, allow_mismatch: bool = False, copy_model: bool = True) -> LM:
+    """A new LM: `lm` with the LoRA adapter merged in, after checking its metadata against `lm` and prompts/."""
+    folder, meta = checked_adapter(adapter, lm.model_id, allow_mismatch=allow_mismatch)
     from peft import PeftModel
 
     base = copy.deepcopy(lm.model) if copy_model else lm.model

@@ -3,6 +3,7 @@ verbalizer ranker's letters) and greedy streaming generation. Loading lives in `
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -128,45 +129,109 @@ class LM:
         return {i for i in ids if i is not None}
 
     def stream(self, prompt: str, max_new_tokens: int = 60, *, stop: Sequence[str] = (),
-               repetition_penalty: float = 1.0) -> Iterator[str]:
-        """Greedy generation, yielding text pieces as they are decoded (deterministic).
+               repetition_penalty: float = 1.0, banned: Sequence[Sequence[int]] = ()) -> Iterator[str]:
+        """Greedy generation of one prompt, yielding text pieces as they are decoded (see `stream_many`)."""
+        for _, piece in self.stream_many([prompt], max_new_tokens, stop=stop, repetition_penalty=repetition_penalty,
+                                         banned=[banned]):
+            if piece is not None:
+                yield piece
 
-        Stops at an end-of-sequence token, after `max_new_tokens`, or at the first of the `stop` strings
-        (which is not yielded).
+    def stream_many(self, prompts: Sequence[str], max_new_tokens: int = 60, *, stop: Sequence[str] = (),
+                    repetition_penalty: float = 1.0, banned: Sequence[Sequence[Sequence[int]]] | None = None,
+                    ) -> Iterator[tuple[int, str | None]]:
+        """Greedy generation of several prompts in ONE batch with a KV cache (left padding, one forward pass per
+        step for all rows still going). Yields `(row, text piece)` as pieces are decoded and `(row, None)` when
+        a row is finished; deterministic, and each row's text is what `stream` gives for that prompt alone.
+
+        A row stops at an end-of-sequence token, after `max_new_tokens`, or at the first of the `stop` strings
+        (not yielded). `banned[row]`: token sequences that row may not produce (a one-token sequence is never
+        chosen; for a longer one, its last token is ruled out right after the rest was generated).
+        Closing the iterator stops the computation.
         """
         import torch
 
+        n = len(prompts)
+        if n == 0:
+            return
+        banned = [list(b) for b in banned] if banned is not None else [[] for _ in range(n)]
         stop_ids = self._stop_ids()
-        ids, _ = self.encode([prompt])  # one row: no padding
-        generated: list[int] = []
-        emitted = ""
+        enc = self.tokenizer(list(prompts), padding=True, padding_side="left", return_tensors="pt",
+                             add_special_tokens=not self.has_chat_template)
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        rows = list(range(n))  # prompt index of each batch row still generating
+        generated: list[list[int]] = [[] for _ in range(n)]
+        emitted = [""] * n
         with torch.inference_mode():
-            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)  # (1, 1, V): no prompt logits
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1)  # (B, 1, V): no prompt logits
             past = out.past_key_values
             for _ in range(max_new_tokens):
-                logits = out.logits[0, -1].float()
-                if repetition_penalty != 1.0 and generated:
-                    seen = torch.tensor(sorted(set(generated)), device=logits.device)
-                    values = logits[seen]
-                    logits[seen] = torch.where(values > 0, values / repetition_penalty, values * repetition_penalty)
-                token = int(torch.argmax(logits))
-                if token in stop_ids:
-                    break
-                generated.append(token)
-                text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                if not text.endswith("\ufffd") and text.startswith(emitted):
-                    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
-                    if cut >= 0:
-                        if cut > len(emitted):
-                            yield text[len(emitted):cut]
-                        return
-                    if len(text) > len(emitted):
-                        yield text[len(emitted):]
-                        emitted = text
-                out = self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=past,
-                                 use_cache=True)
+                logits = out.logits[:, -1].float()  # (B, V)
+                tokens, keep = [], []
+                for b, row in enumerate(rows):
+                    token = self._next_token(logits[b], generated[row], repetition_penalty, banned[row])
+                    done = token in stop_ids
+                    if not done:
+                        generated[row].append(token)
+                        piece, done = self._piece(generated[row], emitted[row], stop)
+                        if piece:
+                            emitted[row] += piece
+                            yield row, piece
+                    if done:
+                        yield row, None
+                    else:
+                        tokens.append(token)
+                        keep.append(b)
+                if not keep:
+                    return
+                if len(keep) < len(rows):  # drop finished rows from the batch and its cache
+                    index = torch.tensor(keep, device=self.device)
+                    past.batch_select_indices(index)
+                    mask, positions = mask[index], positions[index]
+                    rows = [rows[b] for b in keep]
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                positions = positions[:, -1:] + 1
+                out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=mask,
+                                 position_ids=positions, past_key_values=past, use_cache=True)
                 past = out.past_key_values
+        for row in rows:  # max_new_tokens reached
+            yield row, None
+
+    @staticmethod
+    def _next_token(logits, generated: list[int], repetition_penalty: float, banned: Sequence[Sequence[int]]) -> int:
+        """Greedy choice for one row: repetition penalty on tokens already generated, banned sequences ruled out."""
+        import torch
+
+        if repetition_penalty != 1.0 and generated:
+            seen = torch.tensor(sorted(set(generated)), device=logits.device)
+            values = logits[seen]
+            logits[seen] = torch.where(values > 0, values / repetition_penalty, values * repetition_penalty)
+        for seq in banned:
+            if seq and (len(seq) == 1 or generated[-(len(seq) - 1):] == list(seq[:-1])):
+                logits[seq[-1]] = -math.inf
+        return int(torch.argmax(logits))
+
+    def _piece(self, generated: list[int], emitted: str, stop: Sequence[str]) -> tuple[str, bool]:
+        """(new text since `emitted`, whether a stop string ended the row)."""
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(emitted):
+            return "", False  # in the middle of a multi-byte character
+        cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+        if cut >= 0:
+            return text[len(emitted):cut] if cut > len(emitted) else "", True
+        return text[len(emitted):], False
 
     def generate(self, prompt: str, max_new_tokens: int = 60, **kwargs: Any) -> str:
         """The whole greedy completion of `prompt` (see `stream`)."""
         return "".join(self.stream(prompt, max_new_tokens, **kwargs))
+
+    # -- the ranking seam (issue 16): the ranker's one call, also served by `llm.remote.RemoteLM` -----------
+    def letter_scores(self, prompts: Sequence[str], letter_ids: Sequence[int], batch_size: int = 8):
+        """Scores of the tokens `letter_ids` right after each prompt, (B, n) float64: their next-token logits
+        (`next_token_logits`, `batch_size` prompts per forward pass)."""
+        import numpy as np
+
+        if not prompts:
+            return np.zeros((0, len(letter_ids)))
+        return self.next_token_logits(prompts, batch_size=batch_size)[:, list(letter_ids)].double().numpy()

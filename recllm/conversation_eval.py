@@ -1,0 +1,265 @@
+"""`recllm eval-conversations`: recommend from real conversations (ReDial format), measured as the literature does.
+
+Protocol (`../shared/data/redial-dev/SOURCE.md`): at every recommender turn that brings up movies not mentioned
+before, the whole catalog is ranked from the dialogue so far (messages before the turn, movies written by name);
+movies already mentioned are left out and are not targets; Recall@1/10/50 over (turn, movie) pairs; a turn whose
+ranking fails counts as a miss (`errors` in the report).
+
+Dialogues are split by a fixed seed (`conversations.split_ids`) into a *tune* half and a *held-out* half. Only
+the tune half gives knowledge (mention counts, co-mentions) and chooses weights: for tuning, the signals of
+each tune dialogue come from the OTHER tune folds (out-of-fold, so a dialogue never sees its own mentions);
+figures are reported on the held-out half with knowledge from the whole tune half ("strict"). Optionally
+(`--cross-fit`) also with knowledge from every dialogue outside the held-out dialogue's fold (more data,
+the same weights; never its own dialogue).
+
+Systems (each knowledge source alone and together; weights tuned per system on the tune half):
+popularity floor; titles only (no knowledge: the title text); + linked knowledge; + conversations; all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from recllm import conversations as cv
+from recllm import knowledge as kn
+from recllm.convrank import ConversationRanker, Reader, ReaderConfig, target_ranks, tune_weights
+
+KS = (1, 10, 50)
+FOLDS = 5
+SYSTEMS = {  # name -> signals it may use
+    "popularity floor": ("popularity",),
+    "titles only (no knowledge)": ("content_title", "query_title"),
+    "popularity prior + titles": ("popularity", "content_title", "query_title", "constraint"),
+    "linked knowledge (MovieLens)": ("linked", "linked_pop", "content", "query", "constraint"),
+    "conversations as interactions": ("comention", "popularity", "content_title", "query_title"),
+    "all knowledge": ("popularity", "comention", "linked", "linked_pop", "content", "query", "constraint"),
+}
+PUBLISHED = [  # ReDial test split, already-mentioned movies excluded (SOURCE.md)
+    {"system": "GPT-4 zero-shot (He et al., CIKM'23)", "recall@1": 0.050, "recall@10": 0.201, "recall@50": None},
+    {"system": "UniCRS, repeats removed (Kostric & Balog, SIGIR'26)", "recall@1": None, "recall@10": 0.180,
+     "recall@50": 0.335},
+    {"system": "ReFICR, repeats removed (Kostric & Balog, SIGIR'26)", "recall@1": None, "recall@10": 0.213,
+     "recall@50": 0.465},
+]
+
+
+class CachedEmbedder:
+    """Memoises `encode` per text (queries repeat across systems and folds)."""
+
+    def __init__(self, embedder):
+        self.embedder = embedder
+        self.memo: dict[str, np.ndarray] = {}
+
+    def encode(self, texts, progress: bool = False) -> np.ndarray:
+        todo = [t for t in dict.fromkeys(texts) if t not in self.memo]
+        if todo:
+            self.memo.update(zip(todo, self.embedder.encode(todo, progress=progress)))
+        return np.stack([self.memo[t] for t in texts])
+
+
+def item_vectors(catalog, embedder, progress: bool = True) -> np.ndarray:
+    """Text vectors of the catalog's items, cached under `<home>/cache/` by a hash of the texts."""
+    from recllm import paths
+
+    texts = [item.text for item in catalog]
+    key = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+    path = paths.home() / "cache" / f"item-vectors-{key}.npy"
+    if path.is_file():
+        return np.load(path, allow_pickle=False)
+    vectors = np.asarray(embedder.encode(texts, progress=progress), dtype=np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, vectors, allow_pickle=False)
+    return vectors
+
+
+@dataclass
+class Sources:
+    """What the eval may use: the catalog (title-only), the linked catalog's data (optional), the embedder."""
+
+    catalog: object  # the title-only catalog (years split out of titles)
+    embedder: object
+    linked_catalog: object = None  # `knowledge.linked_catalog` of it (genres, tags)
+    linked_rows: list = field(default_factory=list)  # the other catalog's interactions, on linked ids
+    link_report: dict | None = None
+    title_vectors: np.ndarray | None = None
+    linked_vectors: np.ndarray | None = None
+
+
+def load_sources(movies, link_to=None, link_interactions=None, *, progress: bool = True, dialogues=()) -> Sources:
+    """The catalog of `movies` and, with `link_to` (a catalog path; "movielens": the bundled one), its link."""
+    from recllm.catalog import load_catalog, load_interactions
+    from recllm.embed import get_embedder
+
+    catalog = cv.redial_catalog(movies)
+    embedder = CachedEmbedder(get_embedder())
+    src = Sources(catalog, embedder)
+    src.title_vectors = item_vectors(catalog, embedder.embedder, progress)
+    if link_to:
+        bundled = link_to == "movielens"
+        other = load_catalog(None if bundled else link_to)
+        inter = load_interactions(None if bundled and not link_interactions else link_interactions) \
+            if (bundled or link_interactions) else None
+        link = kn.link_catalogs(catalog, other, popularity=inter.popularity() if inter is not None else None)
+        src.link_report = link.report(catalog, cv.mention_counts(dialogues) if dialogues else None)
+        src.linked_catalog = kn.linked_catalog(catalog, other, link)
+        src.linked_rows = kn.carry_interactions(link, inter) if inter is not None else []
+        src.linked_vectors = item_vectors(src.linked_catalog, embedder.embedder, progress)
+    return src
+
+
+def ranker_for(src: Sources, train: list, *, title: bool = False) -> ConversationRanker:
+    """The ranker with knowledge from the `train` dialogues (and the link), on linked or title-only text."""
+    rows = kn.conversation_interactions(train)
+    comentions = kn.CoOccurrence(kn.sequences_from_rows(rows)) if rows else None
+    linked = lpop = None
+    if src.linked_rows and not title:
+        linked = kn.CoOccurrence(kn.sequences_from_rows(src.linked_rows, min_rating=4.0))
+        lpop = Counter(r[1] for r in src.linked_rows)
+    catalog = src.catalog if title or src.linked_catalog is None else src.linked_catalog
+    vectors = src.title_vectors if title or src.linked_vectors is None else src.linked_vectors
+    return ConversationRanker(catalog, popularity=cv.mention_counts(train), comentions=comentions, linked=linked,
+                              linked_popularity=lpop, item_vectors=vectors, embedder=src.embedder)
+
+
+def fold_signals(src: Sources, dialogues: list, known: list, folds: int, reader: Reader):
+    """Signals of every eval point of `dialogues`, each fold's from a ranker whose knowledge comes from `known`
+    minus that fold (`folds` = 1: all of `known`, which must not contain `dialogues` then)."""
+    ids = [d.id for d in dialogues]
+    fold_of = {d: n % folds for n, d in enumerate(np.random.default_rng(1).permutation(ids))}
+    parts, points, errors = [], [], 0
+    for f in range(folds):
+        chosen = [d for d in dialogues if fold_of[d.id] == f]
+        train = [d for d in known if fold_of.get(d.id) != f] if folds > 1 else known
+        pts, readings = [], []
+        for d in chosen:
+            for p in cv.eval_points(d, src.catalog):
+                try:
+                    readings.append(reader.read(p.context, known=p.mentioned))
+                    pts.append(p)
+                except Exception:  # noqa: BLE001 - a turn that cannot be read is a miss, counted
+                    errors += len(p.targets)
+        if not pts:
+            continue
+        sig = ranker_for(src, train).signals(readings)
+        title = ranker_for(src, train, title=True).signals(readings)
+        sig.update({f"{k}_title": v for k, v in title.items() if k in ("content", "query")})
+        parts.append(sig)
+        points += pts
+    signals = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    return signals, points, errors
+
+
+def _positions(ranker: ConversationRanker, points):
+    return ([[ranker.pos[i] for i in p.targets] for p in points],
+            [[ranker.pos[i] for i in p.mentioned if i in ranker.pos] for p in points])
+
+
+def evaluate(dialogues_path, movies_path, *, link_to=None, link_interactions=None, seed: int = cv.SPLIT_SEED,
+             cross_fit: bool = False, systems=None, progress: bool = True, limit: int | None = None) -> dict:
+    """The whole evaluation; returns the report dict (`write_report` writes it)."""
+    from recllm import metrics
+
+    started = time.monotonic()
+    dialogues = cv.read_dialogues(dialogues_path)[:limit]
+    tune, held = cv.split_ids(dialogues, seed=seed)
+    src = load_sources(movies_path, link_to, link_interactions, progress=progress, dialogues=dialogues)
+    reader = Reader(src.linked_catalog or src.catalog, ReaderConfig(), cv.mention_counts(tune))
+    systems = {k: v for k, v in SYSTEMS.items() if systems is None or k in systems}
+    if src.linked_catalog is None:
+        systems = {k: [s for s in v if s not in ("linked", "linked_pop", "content", "query")] or None
+                   for k, v in systems.items() if "linked" not in k}
+        systems = {k: v for k, v in systems.items() if v}
+    tune_sig, tune_pts, _ = fold_signals(src, tune, tune, FOLDS, reader)
+    held_runs = {"strict": fold_signals(src, held, tune, 1, reader)}
+    if cross_fit:
+        held_runs["cross-fit"] = fold_signals(src, held, dialogues, FOLDS, reader)
+    probe = ranker_for(src, tune)
+    tpos, texc = _positions(probe, tune_pts)
+    results: dict = {}
+    per_pair: dict[str, np.ndarray] = {}
+    for name, names in systems.items():
+        sub = {k: tune_sig[k] for k in names if k in tune_sig}
+        weights, tuned = tune_weights(probe, sub, tpos, texc)
+        results[name] = {"weights": weights, "tune_objective": round(tuned, 4)}
+        for run, (sig, pts, errors) in held_runs.items():
+            hpos, hexc = _positions(probe, pts)
+            ranks = np.concatenate(target_ranks(probe.scores({k: sig[k] for k in sub}, weights), hpos, hexc)
+                                   + [np.full(errors, np.inf)])
+            hits = np.stack([(ranks <= k).astype(float) for k in KS], axis=1)
+            boot = metrics.bootstrap(hits)
+            results[name][run] = {f"recall@{k}": {"mean": round(float(boot["mean"][j]), 4),
+                                                  "low": round(float(boot["low"][j]), 4),
+                                                  "high": round(float(boot["high"][j]), 4)}
+                                  for j, k in enumerate(KS)}
+            results[name][run]["pairs"] = int(len(ranks))
+            results[name][run]["errors"] = int(errors)
+            per_pair[f"{name}|{run}"] = hits
+    floor = "popularity floor"
+    for key, hits in per_pair.items():
+        name, run = key.split("|")
+        if name != floor and f"{floor}|{run}" in per_pair:
+            diff = metrics.bootstrap(hits, per_pair[f"{floor}|{run}"])
+            results[name][run]["vs_floor"] = {f"recall@{k}": {x: round(float(diff[x][j]), 4) for x in
+                                                              ("mean", "low", "high")} for j, k in enumerate(KS)}
+    return {
+        "protocol": {"turns": "recommender turns bringing up movies not mentioned before (consecutive messages "
+                              "of one speaker merged)", "ranking": "whole catalog, already-mentioned movies "
+                              "excluded", "metric": "Recall@1/10/50 over (turn, movie) pairs; an error is a miss",
+                     "interval": "95% percentile bootstrap over (turn, movie) pairs, 1,000 resamples "
+                                 "(recllm.metrics.bootstrap)",
+                     "split": f"dialogues permuted with seed {seed}; {len(tune)} tune / {len(held)} held-out",
+                     "knowledge": "strict: counts and co-mentions from the tune half only; cross-fit: from every "
+                                  "dialogue outside the held-out dialogue's fold (5 folds)",
+                     "weights": "chosen per system on the tune half with out-of-fold knowledge (5 folds)"},
+        "data": {"dialogues": str(dialogues_path), "movies": str(movies_path), "n_dialogues": len(dialogues),
+                 "tune_points": len(tune_pts), "held_out_points": len(held_runs["strict"][1]),
+                 "link": src.link_report},
+        "systems": results, "published": PUBLISHED,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def to_markdown(report: dict) -> str:
+    runs = [r for r in ("strict", "cross-fit") if any(r in s for s in report["systems"].values())]
+    lines = ["# Conversation evaluation (ReDial dialogues)", "",
+             f"{report['data']['n_dialogues']} dialogues; {report['protocol']['split']}; "
+             f"{report['data']['held_out_points']} held-out recommender turns.", ""]
+    for run in runs:
+        lines += [f"## Held-out, knowledge {run}", "",
+                  "| system | R@1 | R@10 | R@50 | pairs | errors |", "|---|---|---|---|---|---|"]
+        for name, res in report["systems"].items():
+            r = res[run]
+            cells = [f"{r[f'recall@{k}']['mean']:.3f} [{r[f'recall@{k}']['low']:.3f}, {r[f'recall@{k}']['high']:.3f}]"
+                     for k in KS]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['pairs']} | {r['errors']} |")
+        lines.append("")
+    lines += ["## Published (ReDial test split, mentioned movies excluded)", "", "| system | R@1 | R@10 | R@50 |",
+              "|---|---|---|---|"]
+    for p in report["published"]:
+        lines.append(f"| {p['system']} | " + " | ".join("—" if p[f'recall@{k}'] is None else f"{p[f'recall@{k}']:.3f}"
+                                                       for k in KS) + " |")
+    lines += ["", "## Weights (chosen on the tune half)", ""]
+    for name, res in report["systems"].items():
+        lines.append(f"- {name}: " + ", ".join(f"{k} {v:g}" for k, v in res["weights"].items() if v))
+    if report["data"].get("link"):
+        lines += ["", "## Link", "", "```", json.dumps(report["data"]["link"], indent=1), "```"]
+    lines += ["", "Protocol: " + "; ".join(f"{k}: {v}" for k, v in report["protocol"].items()), ""]
+    if report.get("command"):
+        lines += [f"Command: `{report['command']}`", ""]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out_dir) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "md": out / "report.md"}
+    paths["json"].write_text(json.dumps(report, indent=1))
+    paths["md"].write_text(to_markdown(report))
+    return paths
