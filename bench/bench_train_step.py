@@ -25,13 +25,13 @@ def main(argv=None) -> int:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from recllm import evaluate, llm
+    from recllm import llm, split
     from recllm.catalog import load_catalog
     from recllm.rank import LLMRanker, RankConfig
 
     torch.set_num_threads(args.threads)
     catalog = load_catalog()
-    data = evaluate.load_eval_data(catalog)
+    data = split.prepare(*split.load_inputs(catalog))
     lm = llm.load_model()
     ranker = LLMRanker(lm, config=RankConfig(max_history=10, title_chars=30))
     titles = [catalog.get(i).label for i in data.item_ids]
