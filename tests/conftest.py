@@ -188,3 +188,19 @@ class SpyEngine:
         self._call("why")
         self.whys.append((question, result))
         return self.inner.why(question, result, details=details)
+
+
+def wait_until_up(url: str, proc, log_path, *, timeout: float, name: str) -> None:
+    """Poll `url` until it answers; RuntimeError with the server log's tail when `proc` exits or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start: {log_path.read_text()[-3000:]}") from None
+            time.sleep(0.3)

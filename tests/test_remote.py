@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import build_recommender, free_port
+from conftest import build_recommender, free_port, wait_until_up
 from recllm.errors import AdapterError, ModelError
 from recllm.llm.remote import RemoteLM, base_url, letter_row
 
@@ -99,15 +99,7 @@ def vllm_url(tmp_path_factory):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 420
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"vLLM did not start: {(folder / 'server.log').read_text()[-3000:]}") from None
-                time.sleep(0.5)
+        wait_until_up(f"{url}/health", proc, folder / "server.log", timeout=420, name="vLLM")
         yield url
     finally:
         try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, wait_until_up
 
 pytestmark = pytest.mark.server
 
@@ -47,15 +47,7 @@ def chroma_url(tmp_path_factory):
                             stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/api/v2/heartbeat", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"chroma server did not start: {(folder / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.2)
+        wait_until_up(f"{url}/api/v2/heartbeat", proc, folder / "server.log", timeout=60, name="chroma server")
         yield url
     finally:
         proc.terminate()
