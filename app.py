@@ -23,7 +23,7 @@ import sys
 import gradio as gr
 
 from recllm.chat import DEFAULT_EXPLAIN, DEFAULT_K, ChatSession, Reply
-from recllm.errors import RecllmError
+from recllm.errors import InputError, RecllmError
 from recllm.memory import Memory
 from recllm.options import EngineOptions
 
@@ -31,13 +31,24 @@ log = logging.getLogger("recllm.app")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
-ENGINE_CONCURRENCY = 1  # chat turns run one at a time: they share one model (thumbs and resets do not wait)
+ENGINE_CONCURRENCY = 8  # chat turns served at once (RECLLM_CONCURRENCY): their model calls are merged by
+# `llm.scheduler` (thumbs and resets never wait for them)
 SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")  # no web fonts: the app works offline
 CSS = """
 #cards .card { border-radius: 10px; padding: 6px 10px; }
 #cards .card button { min-width: 3em; }
 #model-line { font-size: 0.85em; opacity: 0.8; }
 """
+
+
+def engine_concurrency() -> int:
+    """Chat turns served at once: `$RECLLM_CONCURRENCY`, else ENGINE_CONCURRENCY."""
+    raw = os.environ.get("RECLLM_CONCURRENCY", "").strip()
+    if not raw:
+        return ENGINE_CONCURRENCY
+    if not raw.isdigit() or int(raw) < 1:
+        raise InputError(f"RECLLM_CONCURRENCY must be a whole number of at least 1, not {raw[:40]!r}")
+    return int(raw)
 
 
 def model_line(recommender) -> str:
@@ -123,6 +134,7 @@ def build_app(recommender, *, k: int = DEFAULT_K, explain: int = DEFAULT_EXPLAIN
         return handler
 
     max_message = recommender.limits.max_message_chars
+    concurrency = engine_concurrency()
     with gr.Blocks(title="recllm", analytics_enabled=False) as demo:
         state = gr.State(None)
         card_ids = gr.State([])  # item id of each card as drawn: a thumb acts on the item its card shows
@@ -156,11 +168,11 @@ def build_app(recommender, *, k: int = DEFAULT_K, explain: int = DEFAULT_EXPLAIN
         outputs = [chatbot, state, card_ids, status, *cards]
         for trigger in (box.submit, send.click):
             trigger(on_message, [box, state], [box, *outputs], api_name="chat" if trigger == box.submit else False,
-                    concurrency_limit=ENGINE_CONCURRENCY, concurrency_id="engine")
+                    concurrency_limit=concurrency, concurrency_id="engine")
         use_user.click(on_user, [user_box, state], outputs, api_name="use_user",
-                       concurrency_limit=ENGINE_CONCURRENCY, concurrency_id="engine")
+                       concurrency_limit=concurrency, concurrency_id="engine")
         user_box.submit(on_user, [user_box, state], outputs, api_name=False,
-                        concurrency_limit=ENGINE_CONCURRENCY, concurrency_id="engine")
+                        concurrency_limit=concurrency, concurrency_id="engine")
         fresh.click(on_fresh, [state], outputs, api_name="start_fresh", concurrency_limit=None)
         for i in range(k):
             ups[i].click(on_thumb(i, True), [state, card_ids], outputs, api_name=f"thumbs_up_{i}",
@@ -210,6 +222,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        engine_concurrency()  # a bad RECLLM_CONCURRENCY is a one-line error before the model loads
         recommender = EngineOptions.from_args(args).build()
         recommender.warm()  # load the model now, so the first person does not wait for it
     except RecllmError as exc:

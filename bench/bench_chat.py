@@ -8,7 +8,7 @@ and reports the medians, plus the peak RSS of the process that serves the app (m
 and Gradio all live in it). `--via app` (default) serves the real Gradio app on 127.0.0.1 and drives it
 with gradio_client's streaming API; `--via session` calls `ChatSession.respond_stream` directly.
 
-    python bench/bench_chat.py [--turns 10] [--via app|session] [--json] [--screenshot docs/screenshot.png]
+    python bench/bench_chat.py [--turns 10] [--via app|session] [--json] [--screenshot docs/img/chat.png]
 
 `--screenshot PATH` then opens the served app in Debian's Chromium, holds a short conversation (ask, refine,
 why, thumbs down) and saves the page (the README's screenshot).

@@ -7,7 +7,7 @@ Starts `recllm serve` on a free 127.0.0.1 port in a child process (options after
 sending `--turns` scripted messages (an ask naming its own movie, refinements, why, and finally "what do you
 know about me?"). Reports every reply's arrival, cross-talk (a session's profile naming another session's
 opening movie that it was never shown itself), turn-time p50/p95/max (seconds; a turn waits in the engine
-queue: one turn runs at a time), and the server's RSS after warm-up, after each quarter of the turns and at
+queue: up to RECLLM_CONCURRENCY turns run at once, sharing model calls), and the server's RSS after warm-up, after each quarter of the turns and at
 the end. The server is stopped at the end.
 """
 

@@ -222,6 +222,9 @@ class Catalog:
             )
 
 
+LIKED_RATING = 4.0  # a rating from this up counts as "liked" (Interactions.co_liked)
+
+
 class Interactions:
     """User-item events in file order; sequences are chronological with ties broken by row order."""
 
@@ -263,6 +266,28 @@ class Interactions:
     def popularity(self) -> Counter:
         """item_id -> number of interactions."""
         return Counter(item for _, item, _, _ in self.rows)
+
+    @cached_property
+    def _likers(self) -> dict[str, frozenset[str]]:
+        rated = any(rating is not None for *_, rating in self.rows)
+        likers: dict[str, set[str]] = {}
+        for user, item, _, rating in self.rows:
+            if not rated or (rating is not None and rating >= LIKED_RATING):
+                likers.setdefault(item, set()).add(user)
+        return {item: frozenset(users) for item, users in likers.items()}
+
+    def co_liked(self, item_id: str, others: list[str]) -> list[tuple[str, int]]:
+        """`(other, people who liked both)` for each of `others` liked together with `item_id` by anyone, most
+        first (ties: the later in `others`). "Liked" = rated at least `LIKED_RATING`; without ratings, any
+        interaction."""
+        mine = self._likers.get(item_id, frozenset())
+        counts = [(o, len(mine & self._likers.get(o, frozenset()))) for o in others if o != item_id]
+        order = sorted(range(len(counts)), key=lambda i: (-counts[i][1], -i))
+        return [counts[i] for i in order if counts[i][1] > 0]
+
+    def without(self, pairs: set[tuple[str, str]]) -> Interactions:
+        """These interactions less the given `(user, item)` pairs (e.g. held-out evaluation targets)."""
+        return Interactions([r for r in self.rows if (r[0], r[1]) not in pairs], path=self.path)
 
 
 # ---------------------------------------------------------------- reading files

@@ -2,7 +2,8 @@
 praise words.
 
 `contradictions(text, item)` lists the genre or era words in `text` that the item's own data does not support
-("a classic horror movie" for a drama from 2011: "horror", "classic"); `unsupported_praise(text)` lists praise
+("a classic horror movie" for a drama from 2011: "horror", "classic"), and years or decades other than its own
+("released in 1985" for a 1995 film); `unsupported_praise(text)` lists praise
 with no source in our data ("captivated audiences worldwide"); `banned_words(item)` is the list of words the
 model must not generate for that item (the decode-time half of the same check). Titles are removed from the text
 first, so "Scary Movie" or "The Horror of Dracula" named as a title is no claim.
@@ -28,7 +29,7 @@ GENRE_WORDS: dict[str, tuple[str, ...]] = {
     "Documentary": ("documentary", "documentaries"),
     "Drama": ("drama", "dramas", "dramatic", "comedy-drama"),
     "Fantasy": ("fantasy", "fantastical", "magical"),
-    "Film-Noir": ("noir",),
+    "Film-Noir": ("noir", "noirs"),
     "Horror": ("horror", "scary", "slasher", "terrifying", "gory"),
     "Musical": ("musical", "musicals"),
     "Mystery": ("mystery", "mysteries", "whodunit"),
@@ -50,6 +51,8 @@ PRAISE = (  # praise with no source in our data
     "of all time", "worldwide", "critics",
 )
 
+# a year or a decade ("1990s", "1990's"); "(2000)" labels a title, it is no claim
+_YEAR_RE = re.compile(r"(?<![\w(-])(1[89]\d\d|20\d\d)('?s)?(?![\w)-])")
 _WORD_RE = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*'?")
 
 
@@ -105,6 +108,10 @@ def contradictions(text: str, item: Item, *, titles: Iterable[str] = ()) -> list
             bad.append(word)
         if word in ERA_WORDS["new"] and (year is None or year < NEW_FROM):
             bad.append(word)
+    for match in _YEAR_RE.finditer(body):  # "released in 1985", "a 1990s film": the item's year / decade only
+        claimed = int(match.group(1))
+        if year is None or (claimed != year // 10 * 10 if match.group(2) else claimed != year):
+            bad.append(match.group(0))
     return list(dict.fromkeys(bad))
 
 

@@ -291,7 +291,8 @@ def add_why(sub) -> None:
     parser = sub.add_parser("why", help="why was ITEM recommended (or not) for this user/history?")
     parser.add_argument("item", metavar="ITEM", help="a title, id:ITEM_ID, #N for the N-th recommendation, "
                         "or a question (\"why not Heat?\")")
-    parser.add_argument("--details", action="store_true", help="add the raw scores to the answer")
+    parser.add_argument("--details", "--trace", dest="details", action="store_true",
+                        help="add the raw scores (language model, retriever, combined) to the answer")
     add_who(parser)
     parser.set_defaults(func=run_why, parser=parser)
 
@@ -331,6 +332,14 @@ def add_fit_retriever(sub) -> None:
     add_catalog_args(parser, interactions=True)
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--out", metavar="DIR", help="where to save it (default: <home>/retrievers/<catalog>)")
+    parser.add_argument("--min-count", type=positive_int, default=5, metavar="K",
+                        help="keep items with at least K interactions and users with at least max(K, 3) "
+                        "(default 5; 1 or 2 for short sequences such as conversations)")
+    parser.add_argument("--dialogues", metavar="JSONL", help="fit on ReDial-format dialogues instead of "
+                        "--interactions: one dialogue = one user, movies in the order mentioned (disliked ones "
+                        "left out); their @ids must be the catalog's item ids")
+    parser.add_argument("--write-interactions", metavar="CSV", help="with --dialogues: also write them as an "
+                        "interactions CSV (user_id,item_id,timestamp,rating: 1 liked, 0.5 did not say)")
     add_output_args(parser)
     parser.set_defaults(func=run_fit_retriever)
 
@@ -339,13 +348,27 @@ def run_fit_retriever(args) -> int:
     from recllm import seqrec
 
     session = Session(args)
-    if session.interactions is None:
-        raise InputError("fit-retriever needs --interactions PATH with a custom catalog")
+    interactions = session.interactions if not args.dialogues else dialogue_interactions(args)
+    if interactions is None:
+        raise InputError("fit-retriever needs --interactions PATH (or --dialogues JSONL) with a custom catalog")
     session.ensure_index()
-    folder = seqrec.fit_retriever(session.catalog, session.interactions, args.out, seed=args.seed,
-                                  embedder=session.embedder, progress=not args.quiet)
+    folder = seqrec.fit_retriever(session.catalog, interactions, args.out, seed=args.seed,
+                                  embedder=session.embedder, progress=not args.quiet, min_count=args.min_count)
     print(json.dumps({"retriever": str(folder)}) if args.json else f"fitted retriever saved in {folder}")
     return 0
+
+
+def dialogue_interactions(args):
+    """`--dialogues` as `Interactions` (written to `--write-interactions` when given)."""
+    from recllm import conversations, knowledge
+    from recllm.catalog import Interactions
+
+    if args.interactions:
+        raise InputError("give --interactions or --dialogues, not both")
+    rows = knowledge.conversation_interactions(conversations.read_dialogues(args.dialogues))
+    if args.write_interactions:
+        knowledge.write_interactions(args.write_interactions, rows)
+    return Interactions(rows)
 
 
 def add_eval(sub) -> None:
@@ -360,6 +383,8 @@ def add_eval(sub) -> None:
     parser.add_argument("--adapter", metavar="PATH", nargs="+", default=["auto"],
                         help="adapter(s) for --ranker llm, one LLM system each ('auto': the shipped default; "
                              "'none': the untuned model), e.g. --adapter none auto")
+    parser.add_argument("--llm-url", metavar="URL", help="ask the LLM server at URL instead of loading the model "
+                        "(default: $RECLLM_LLM_URL; README: Scale-out)")
     parser.add_argument("--systems", nargs="+", default=list(evaluate.DEFAULT_SYSTEMS),
                         help=f"systems to evaluate (default: {' '.join(evaluate.DEFAULT_SYSTEMS)})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds for the fitted retriever")
@@ -383,9 +408,15 @@ def run_eval(args) -> int:
         from recllm.rank import LLMRanker
 
         catalog = Session(args).catalog
+        url = args.llm_url or os.environ.get("RECLLM_LLM_URL") or None
         for choice in dict.fromkeys(args.adapter):
             adapter = default_adapter(args.model) if choice == "auto" else (None if choice == "none" else choice)
-            lm = llm.load_model(args.model, adapter)
+            if url:  # the model and adapter as the LLM server serves them (README: Scale-out)
+                from recllm.llm.remote import RemoteLM
+
+                lm = RemoteLM(url, args.model, adapter)
+            else:
+                lm = llm.load_model(args.model, adapter)
             name = f"llm({lm.model_id}{'+' + lm.adapter_id if lm.adapter_id else ''})"
             rankers[name] = evaluate.llm_ranker(LLMRanker(lm), catalog)
     report = evaluate.run_eval(getattr(args, "catalog", None), getattr(args, "interactions", None),
@@ -481,6 +512,11 @@ def add_eval_conversations(sub) -> None:
     parser.add_argument("--link-interactions", metavar="CSV", help="interactions of the --link catalog")
     parser.add_argument("--cross-fit", action="store_true", help="also report with knowledge from every dialogue "
                         "outside the held-out dialogue's fold (weights still from the tune half)")
+    parser.add_argument("--fit-retriever", action="store_true", help="also fit the collaborative retriever "
+                        "(as `recllm fit-retriever --dialogues`) on the knowledge dialogues of each fold and "
+                        "report it alone and with all knowledge")
+    parser.add_argument("--min-count", type=positive_int, default=1, metavar="K",
+                        help="k-core of the --fit-retriever split (default 1: every movie; users need 3 mentions)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the tune / held-out split (default 0)")
     parser.add_argument("--limit", type=int, help="only the first N dialogues (a quick check)")
     parser.add_argument("--out", metavar="DIR", help="write report.json and report.md here")
@@ -497,7 +533,8 @@ def run_eval_conversations(args) -> int:
     movies = args.movies or Path(args.dialogues).with_name("movies.csv")
     report = conversation_eval.evaluate(args.dialogues, movies, link_to=args.link,
                                         link_interactions=args.link_interactions, seed=args.seed,
-                                        cross_fit=args.cross_fit, progress=not args.quiet, limit=args.limit)
+                                        cross_fit=args.cross_fit, progress=not args.quiet, limit=args.limit,
+                                        fit_retriever=args.fit_retriever, min_count=args.min_count)
     report["command"] = command_line()
     if args.out:
         conversation_eval.write_report(report, args.out)
@@ -505,8 +542,35 @@ def run_eval_conversations(args) -> int:
     return 0
 
 
+def add_eval_explanations(sub) -> None:
+    parser = sub.add_parser("eval-explanations", help="measure explanations: share naming the user's liked items "
+                            "or any evidence, contradictions, filler, fallbacks, distinct-2, seconds each")
+    parser.add_argument("--users", type=positive_int, default=100, help="users sampled from the interactions "
+                        "(default 100)")
+    parser.add_argument("-k", "--k", dest="k", type=positive_int, default=5,
+                        help="items recommended and explained per user (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the user sample (default 0)")
+    parser.add_argument("--out", metavar="DIR", help="write report.json and report.md here")
+    EngineOptions.add_arguments(parser, explain=False)  # --adapter: auto (shipped) / none (untuned) / a folder
+    add_output_args(parser)
+    parser.set_defaults(func=run_eval_explanations)
+
+
+def run_eval_explanations(args) -> int:
+    from recllm import explain_eval
+    from recllm.report import command_line
+
+    recommender = EngineOptions.from_args(args).build(explain=0)
+    report = explain_eval.run(recommender, users=args.users, k=args.k, seed=args.seed, progress=not args.quiet,
+                              command=command_line())
+    if args.out:
+        explain_eval.write_report(report, args.out)
+    print(json.dumps(report["summary"], indent=1) if args.json else explain_eval.to_markdown(report))
+    return 0
+
+
 SUBCOMMANDS = [add_index, add_recommend, add_why, add_items, add_serve, add_batch, add_train, add_fit_retriever,
-               add_eval, add_eval_conversations, add_demo, add_forget]
+               add_eval, add_eval_conversations, add_eval_explanations, add_demo, add_forget]
 
 
 def build_parser() -> argparse.ArgumentParser:

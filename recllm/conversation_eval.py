@@ -14,6 +14,10 @@ the same weights; never its own dialogue).
 
 Systems (each knowledge source alone and together; weights tuned per system on the tune half):
 popularity floor; titles only (no knowledge: the title text); + linked knowledge; + conversations; all.
+With `fit_retriever` (`--fit-retriever`) also the collaborative retriever of `recllm fit-retriever`, fitted on
+conversations as interactions (`seqrec.fit_on_split` on `split.split_sequences` with a `min_count` core) from
+the same dialogues as the other knowledge: one fit per tuning fold, one on the tune half for the held-out
+figures (and one per fold for cross-fit), so no figure comes from a retriever that saw its dialogue.
 """
 
 from __future__ import annotations
@@ -40,7 +44,12 @@ SYSTEMS = {  # name -> signals it may use
     "linked knowledge (MovieLens)": ("linked", "linked_pop", "content", "query", "constraint"),
     "conversations as interactions": ("comention", "popularity", "content_title", "query_title"),
     "all knowledge": ("popularity", "comention", "linked", "linked_pop", "content", "query", "constraint"),
+    "fitted retriever on conversations": ("retriever",),
+    "all knowledge + fitted retriever": ("popularity", "comention", "linked", "linked_pop", "content", "query",
+                                         "constraint", "retriever"),
 }
+RETRIEVER_MIN_COUNT = 1  # k-core of the conversation retriever's split: items need 1 mention, users 3 (chosen
+# on the tune half's out-of-fold objective: 0.091 at 1 vs 0.080 at 2 for the retriever alone)
 PUBLISHED = [  # ReDial test split, already-mentioned movies excluded (SOURCE.md)
     {"system": "GPT-4 zero-shot (He et al., CIKM'23)", "recall@1": 0.050, "recall@10": 0.201, "recall@50": None},
     {"system": "UniCRS, repeats removed (Kostric & Balog, SIGIR'26)", "recall@1": None, "recall@10": 0.180,
@@ -114,8 +123,24 @@ def load_sources(movies, link_to=None, link_interactions=None, *, progress: bool
     return src
 
 
-def ranker_for(src: Sources, train: list, *, title: bool = False) -> ConversationRanker:
-    """The ranker with knowledge from the `train` dialogues (and the link), on linked or title-only text."""
+def conversation_retriever(src: Sources, train: list, *, min_count: int = RETRIEVER_MIN_COUNT, seed: int = 0):
+    """`recllm fit-retriever` on the `train` dialogues as interactions (`knowledge.conversation_interactions`):
+    the same split (`min_count` core) and fit (`seqrec.fit_on_split`), content vectors from the eval's cache."""
+    from recllm import seqrec, split
+
+    sequences: dict[str, list[str]] = {}
+    for user, item, _, _ in kn.conversation_interactions(train):  # each dialogue's movies in mention order
+        sequences.setdefault(user, []).append(item)
+    ids = list(src.catalog.items)
+    data = split.split_sequences(sequences, ids, name="conversations", k=min_count)
+    vectors = src.linked_vectors if src.linked_vectors is not None else src.title_vectors
+    content = split.content_matrix(data, vectors=(ids, vectors))
+    return seqrec.fit_on_split(data, seed=seed, content=content, progress=False)
+
+
+def ranker_for(src: Sources, train: list, *, title: bool = False, retriever=None) -> ConversationRanker:
+    """The ranker with knowledge from the `train` dialogues (and the link), on linked or title-only text;
+    `retriever`: a fitted conversation retriever (`conversation_retriever` of the same dialogues)."""
     rows = kn.conversation_interactions(train)
     comentions = kn.CoOccurrence(kn.sequences_from_rows(rows)) if rows else None
     linked = lpop = None
@@ -125,12 +150,15 @@ def ranker_for(src: Sources, train: list, *, title: bool = False) -> Conversatio
     catalog = src.catalog if title or src.linked_catalog is None else src.linked_catalog
     vectors = src.title_vectors if title or src.linked_vectors is None else src.linked_vectors
     return ConversationRanker(catalog, popularity=cv.mention_counts(train), comentions=comentions, linked=linked,
-                              linked_popularity=lpop, item_vectors=vectors, embedder=src.embedder)
+                              linked_popularity=lpop, item_vectors=vectors, embedder=src.embedder,
+                              retriever=retriever)
 
 
-def fold_signals(src: Sources, dialogues: list, known: list, folds: int, reader: Reader):
+def fold_signals(src: Sources, dialogues: list, known: list, folds: int, reader: Reader, *,
+                 fit_retriever: bool = False, min_count: int = RETRIEVER_MIN_COUNT):
     """Signals of every eval point of `dialogues`, each fold's from a ranker whose knowledge comes from `known`
-    minus that fold (`folds` = 1: all of `known`, which must not contain `dialogues` then)."""
+    minus that fold (`folds` = 1: all of `known`, which must not contain `dialogues` then); `fit_retriever`:
+    with a conversation retriever fitted on that same knowledge."""
     ids = [d.id for d in dialogues]
     fold_of = {d: n % folds for n, d in enumerate(np.random.default_rng(1).permutation(ids))}
     parts, points, errors = [], [], 0
@@ -147,7 +175,8 @@ def fold_signals(src: Sources, dialogues: list, known: list, folds: int, reader:
                     errors += len(p.targets)
         if not pts:
             continue
-        sig = ranker_for(src, train).signals(readings)
+        retriever = conversation_retriever(src, train, min_count=min_count) if fit_retriever else None
+        sig = ranker_for(src, train, retriever=retriever).signals(readings)
         title = ranker_for(src, train, title=True).signals(readings)
         sig.update({f"{k}_title": v for k, v in title.items() if k in ("content", "query")})
         parts.append(sig)
@@ -162,7 +191,8 @@ def _positions(ranker: ConversationRanker, points):
 
 
 def evaluate(dialogues_path, movies_path, *, link_to=None, link_interactions=None, seed: int = cv.SPLIT_SEED,
-             cross_fit: bool = False, systems=None, progress: bool = True, limit: int | None = None) -> dict:
+             cross_fit: bool = False, systems=None, progress: bool = True, limit: int | None = None,
+             fit_retriever: bool = False, min_count: int = RETRIEVER_MIN_COUNT) -> dict:
     """The whole evaluation; returns the report dict (`write_report` writes it)."""
     from recllm import metrics
 
@@ -176,10 +206,13 @@ def evaluate(dialogues_path, movies_path, *, link_to=None, link_interactions=Non
         systems = {k: [s for s in v if s not in ("linked", "linked_pop", "content", "query")] or None
                    for k, v in systems.items() if "linked" not in k}
         systems = {k: v for k, v in systems.items() if v}
-    tune_sig, tune_pts, _ = fold_signals(src, tune, tune, FOLDS, reader)
-    held_runs = {"strict": fold_signals(src, held, tune, 1, reader)}
+    if not fit_retriever:
+        systems = {k: v for k, v in systems.items() if "retriever" not in v}
+    fit = {"fit_retriever": fit_retriever, "min_count": min_count}
+    tune_sig, tune_pts, _ = fold_signals(src, tune, tune, FOLDS, reader, **fit)
+    held_runs = {"strict": fold_signals(src, held, tune, 1, reader, **fit)}
     if cross_fit:
-        held_runs["cross-fit"] = fold_signals(src, held, dialogues, FOLDS, reader)
+        held_runs["cross-fit"] = fold_signals(src, held, dialogues, FOLDS, reader, **fit)
     probe = ranker_for(src, tune)
     tpos, texc = _positions(probe, tune_pts)
     results: dict = {}
@@ -217,7 +250,10 @@ def evaluate(dialogues_path, movies_path, *, link_to=None, link_interactions=Non
                      "split": f"dialogues permuted with seed {seed}; {len(tune)} tune / {len(held)} held-out",
                      "knowledge": "strict: counts and co-mentions from the tune half only; cross-fit: from every "
                                   "dialogue outside the held-out dialogue's fold (5 folds)",
-                     "weights": "chosen per system on the tune half with out-of-fold knowledge (5 folds)"},
+                     "weights": "chosen per system on the tune half with out-of-fold knowledge (5 folds)",
+                     **({"retriever": f"recllm fit-retriever on conversations as interactions ({min_count}-core "
+                                      "split), fitted on the same dialogues as the other knowledge"}
+                        if fit_retriever else {})},
         "data": {"dialogues": str(dialogues_path), "movies": str(movies_path), "n_dialogues": len(dialogues),
                  "tune_points": len(tune_pts), "held_out_points": len(held_runs["strict"][1]),
                  "link": src.link_report},

@@ -14,6 +14,7 @@ signal, each standardised per request:
 | `linked_pop` | the linked catalog's rating counts | `linked` |
 | `content` | text vectors: the history's items and the seeker's words vs each item's text (genres, tags when linked) | always |
 | `constraint` | +1 inside the conversation's genres / era, -1 outside (needs linked genres / years) | always |
+| `retriever` | the retriever `recllm fit-retriever` fits on conversations as interactions | `retriever` |
 
 `score = sum(weight * signal)`; weights are chosen on tuning dialogues (`tune_weights`), never on what is reported.
 With no usable title and no ask, the popularity prior inside the constraints still answers (never an error).
@@ -28,9 +29,9 @@ import numpy as np
 from recllm.catalog import Catalog
 from recllm.knowledge import CoOccurrence
 
-SIGNALS = ("popularity", "comention", "linked", "linked_pop", "content", "query", "constraint")
+SIGNALS = ("popularity", "comention", "linked", "linked_pop", "content", "query", "constraint", "retriever")
 DEFAULT_WEIGHTS = {"popularity": 1.0, "comention": 1.0, "linked": 0.5, "linked_pop": 0.2, "content": 0.3,
-                   "query": 0.3, "constraint": 0.2}
+                   "query": 0.3, "constraint": 0.2, "retriever": 0.5}
 GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 
@@ -123,7 +124,8 @@ class ConversationRanker:
 
     def __init__(self, catalog: Catalog, *, popularity: dict | None = None, comentions: CoOccurrence | None = None,
                  linked: CoOccurrence | None = None, linked_popularity: dict | None = None,
-                 item_vectors: np.ndarray | None = None, embedder=None, weights: dict | None = None):
+                 item_vectors: np.ndarray | None = None, embedder=None, weights: dict | None = None,
+                 retriever=None):
         self.catalog = catalog
         self.ids = list(catalog.items)
         self.pos = {item_id: n for n, item_id in enumerate(self.ids)}
@@ -134,6 +136,7 @@ class ConversationRanker:
         self.linked = linked
         self.item_vectors = item_vectors
         self.embedder = embedder
+        self.retriever = retriever  # a `seqrec.CollaborativeRetriever` (its fused score)
         self.weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
         self.years = np.array([i.year or 0 for i in catalog], dtype=np.float32)
         self.genres = [frozenset(g.lower() for g in i.genres) for i in catalog]
@@ -143,7 +146,7 @@ class ConversationRanker:
         have = {"popularity": self.popularity is not None, "comention": self.comentions is not None,
                 "linked": self.linked is not None, "linked_pop": self.linked_popularity is not None,
                 "content": self.item_vectors is not None, "query": self.item_vectors is not None
-                and self.embedder is not None, "constraint": True}
+                and self.embedder is not None, "constraint": True, "retriever": self.retriever is not None}
         return [s for s in SIGNALS if have[s]]
 
     def signals(self, readings: list[Reading]) -> dict[str, np.ndarray]:
@@ -167,6 +170,8 @@ class ConversationRanker:
             out["query"] = np.stack([self.item_vectors @ vecs[t] if t in vecs else np.zeros(n, np.float32)
                                      for t in texts])
         out["constraint"] = np.stack([self._constraint(x) for x in readings])
+        if "retriever" in names:
+            out["retriever"] = self._retrieved(readings)
         return {k: _standardise(np.asarray(v, dtype=np.float32)) for k, v in out.items()}
 
     def _content(self, reading: Reading) -> np.ndarray:
@@ -178,6 +183,23 @@ class ConversationRanker:
         u = w @ self.item_vectors[idx]
         norm = float(np.linalg.norm(u))
         return self.item_vectors @ (u / norm) if norm else np.zeros(len(self.ids), np.float32)
+
+    def _retrieved(self, readings: list[Reading]) -> np.ndarray:
+        """(R, N) the fitted retriever's fused scores for the mentions so far (dislikes left out), oldest first;
+        items it was not fitted on get the row's lowest score; a reading with no item it knows: a flat row."""
+        r = self.retriever
+        out = np.zeros((len(readings), len(self.ids)), np.float32)
+        hist = [[i for i, _ in x.history if i in r.index and i not in x.disliked] for x in readings]
+        rows = [n for n, h in enumerate(hist) if h]
+        if not rows:
+            return out
+        scores = np.asarray(r.scores([hist[n] for n in rows]), dtype=np.float32)  # (B, items it knows)
+        at = np.array([self.pos.get(i, -1) for i in r.item_ids], dtype=np.int64)
+        known = at >= 0
+        for b, n in enumerate(rows):
+            out[n] = scores[b].min()
+            out[n, at[known]] = scores[b, known]
+        return out
 
     def _constraint(self, reading: Reading) -> np.ndarray:
         out = np.zeros(len(self.ids), np.float32)
@@ -248,27 +270,19 @@ def target_ranks(scores: np.ndarray, positions: list[list[int]], excluded: list[
 
 def tune_weights(ranker: ConversationRanker, signals: dict[str, np.ndarray], positions, excluded, *,
                  grid=GRID, rounds: int = 2, objective=(10, 50)) -> tuple[dict, float]:
-    """Coordinate search of the signal weights maximising mean Recall@k (k in `objective`) on tuning points
-    (whose knowledge must not come from their own dialogues: see `conversation_eval.fold_signals`)."""
+    """Coordinate search (`signals.coordinate_search`) of the signal weights maximising mean Recall@k (k in
+    `objective`) on tuning points (whose knowledge must not come from their own dialogues: see
+    `conversation_eval.fold_signals`). Starts from popularity alone; all weights 0 is never a choice."""
+    from recllm.signals import coordinate_search
+
     names = [s for s in signals if s != "constraint"] + (["constraint"] if "constraint" in signals else [])
 
     def value(weights: dict) -> float:
+        if not any(weights.values()):
+            return -np.inf
         ranks = np.concatenate(target_ranks(ranker.scores(signals, weights), positions, excluded))
         return float(np.mean([(ranks <= k).mean() for k in objective]))
 
-    weights = {s: 0.0 for s in names}
-    weights["popularity" if "popularity" in weights else names[0]] = 1.0
-    best = value(weights)
-    for _ in range(rounds):
-        improved = False
-        for name in names:
-            for w in grid:
-                trial = dict(weights, **{name: w})
-                if trial == weights or not any(trial.values()):
-                    continue
-                v = value(trial)
-                if v > best + 1e-6:
-                    best, weights, improved = v, trial, True
-        if not improved:
-            break
-    return weights, best
+    start = {s: 0.0 for s in names}
+    start["popularity" if "popularity" in start else names[0]] = 1.0
+    return coordinate_search(start, {s: grid for s in names}, value, rounds=rounds, min_gain=1e-6)

@@ -83,7 +83,8 @@ class Recommender:
 
     @property
     def lm(self):
-        """The language model, loaded on first use (None with ranker='none')."""
+        """The language model, loaded on first use (None with ranker='none'). An in-process model is served
+        through its `llm.scheduler.Scheduler`: calls of concurrent requests share model calls."""
         if self._lm is None and self.ranker_kind == "llm":
             from recllm import llm
 
@@ -91,6 +92,10 @@ class Recommender:
             if adapter == "auto":
                 adapter = default_adapter(model)
             self._lm = llm.load_model(model, adapter, allow_mismatch=allow)
+        if self._lm is not None:
+            from recllm.llm.scheduler import shared
+
+            self._lm = shared(self._lm)  # the one scheduler of this model (a RemoteLM stays as it is)
         return self._lm
 
     @property
@@ -144,11 +149,37 @@ class Recommender:
             extra, unknown, ambiguous = self.catalog.lookup_many(str(h) for h in request.history)
             ids = ids + [i for i in extra if i not in ids]
         if not ids and not (request.query and request.query.strip()):
-            shown = ", ".join(repr(u[:60]) for u in unknown[:5])
-            raise EmptyHistory("nothing to recommend from: " + (
-                f"none of the history items is in catalog {self.catalog.name} ({shown})" if unknown
-                else "give a user, some liked titles or a description of what you want"))
+            # Nothing to go on but the request's filters (a chat turn or batch conversation with no usable
+            # title and no ask: they always send filters): `_retrieve` answers with the most popular items
+            # inside them. A request with nothing at all, or whose titles all failed, stays an error: from the
+            # Python API or the CLI that is almost always a history that did not get through, and a silent
+            # popular list would hide it.
+            if unknown or request.filters is None or not self.popularity:
+                shown = ", ".join(repr(u[:60]) for u in unknown[:5])
+                raise EmptyHistory("nothing to recommend from: " + (
+                    f"none of the history items is in catalog {self.catalog.name} ({shown})" if unknown
+                    else "give a user, some liked titles or a description of what you want"))
         return _History(ids, unknown, ambiguous)
+
+    @property
+    def popularity(self) -> dict[str, float]:
+        """What "popular" means for requests with nothing to go on: item id -> count. The interactions'
+        counts unless `use_popularity` set other ones."""
+        return self._popularity
+
+    def use_popularity(self, counts: dict[str, float] | None = None, *, column: str | None = None) -> None:
+        """Set the popularity prior: `counts` (item id -> count, e.g. `conversations.mention_counts` of some
+        dialogues) or a numeric catalog `column` (`knowledge.column_counts`, e.g. "votes"); neither: back to
+        the interactions' counts. InputError when the column holds no numbers."""
+        if column is not None:
+            from recllm.knowledge import column_counts
+
+            counts = column_counts(self.catalog, column)
+            if not counts:
+                raise InputError(f"catalog {self.catalog.name} has no numeric column {column!r} to count popularity")
+        elif counts is None:
+            counts = self.interactions.popularity() if self.interactions is not None else {}
+        self._popularity = {str(k): float(v) for k, v in counts.items() if str(k) in self.catalog}
 
     def _retrieve(self, request: Request, history: list[str]) -> list[Candidate]:
         from recllm.rank import zscore
@@ -156,6 +187,11 @@ class Recommender:
         n = max(request.k, self.limits.candidates) if self.ranker_kind == "llm" else request.k
         if history:
             return self.retriever.retrieve(history=history, k=n, filters=request.filters, query=request.query)
+        if not (request.query and request.query.strip()):  # nothing but filters: the popularity prior
+            from recllm.knowledge import popularity_prior
+
+            top = popularity_prior(self.catalog, self.popularity, request.filters, k=n)
+            return [Candidate(i, self.catalog.get(i).label, score, {"popularity": score}) for i, score in top]
         # cold start: the text query into the content index, fused with popularity
         hits = self.retriever.retrieve(history=[], k=3 * n, filters=request.filters, query=request.query)
         if not self._popularity or not hits:
@@ -233,7 +269,9 @@ class Recommender:
         if ranked and prompt_order:
             ranker = self.ranker.describe()
         else:
-            ranker = {"model": None, "reason": "retriever order" + ("" if p.history.ids else " (no history)")}
+            cold = not p.history.ids and not (request.query and request.query.strip())
+            ranker = {"model": None, "reason": "the most popular items within the filters (nothing else to go on)"
+                      if cold else "retriever order" + ("" if p.history.ids else " (no history)")}
         result = Result(
             request=request, history=list(p.history.ids),
             history_titles=[self.catalog.get(h).label for h in p.history.ids],
@@ -261,15 +299,18 @@ class Recommender:
 
     # ------------------------------------------------------------------ explanations and why
 
-    def evidence(self, item_id: str, history: list[str]):
-        from recllm.explain import evidence
+    def evidence(self, item_id: str, history: list[str], filters: Filters | None = None):
+        """`explain.Evidence` for recommending `item_id` after `history` (content vectors from the store, the
+        collaborative fact from the interactions, the constraints of `filters` it meets)."""
+        from recllm.explain import constraints_met, evidence
 
+        item = self.catalog.get(item_id)
         items = [self.catalog.get(h) for h in history]
         vectors = self.store.get_vectors(self.catalog, history + [item_id])
-        if all(i in vectors for i in history + [item_id]):
-            hist_vecs = np.stack([vectors[h] for h in history]) if history else None
-            return evidence(self.catalog.get(item_id), items, hist_vecs, vectors[item_id])
-        return evidence(self.catalog.get(item_id), items, None, None)
+        found = all(i in vectors for i in history + [item_id])
+        hist_vecs = np.stack([vectors[h] for h in history]) if found and history else None
+        return evidence(item, items, hist_vecs, vectors[item_id] if found else None,
+                        interactions=self.interactions, meets=constraints_met(item, filters))
 
     def explain_stream(self, result: Result, rank: int, deadline: float | None = None) -> Iterator[str]:
         """Stream the explanation of the recommendation at `rank` (1-based) piece by piece (see `explain_many`)."""
@@ -289,7 +330,7 @@ class Recommender:
         if deadline is None:
             deadline = time.monotonic() + self.limits.timeout_s
         recs = [result.recommendations[rank - 1] for result, rank in asks]
-        work = [(self.catalog.get(rec.item_id), self.evidence(rec.item_id, result.history))
+        work = [(self.catalog.get(rec.item_id), self.evidence(rec.item_id, result.history, result.request.filters))
                 for rec, (result, _) in zip(recs, asks)]
         for model in (False, True):  # the plain sentences first (instant), then one batch for the model
             group = [i for i, (result, _) in enumerate(asks) if bool(result.history) == model]
@@ -308,16 +349,19 @@ class Recommender:
     def why(self, question: str, result: Result, *, details: bool = False) -> str:
         """Answer "why (not) X?" from the facts of `result`. `question`: a question ("why did you suggest
         #2?", "why not Heat?"), read by the chat's own reader (`refs.why_target`), or a bare reference: "#2",
-        "the first one", or an item as `Catalog.lookup` reads it (a title, "id:300"). `details`: add the raw
-        scores."""
-        from recllm.explain import why_answer
+        "the first one", or an item as `Catalog.lookup` reads it (a title, "id:300"). `details` (or a question
+        saying "details" / "scores"): add the raw scores. Something that is no catalog item gets an answer
+        saying so (`why.not_in_catalog`)."""
         from recllm.refs import REF_RE, WHY_NOT_RE, Ref, is_why, ref_from_match, why_target
+        from recllm.why import asks_details, not_in_catalog, why_answer
 
         text = " ".join(str(question).split())
         self.limits.check_text("question", text)
         shown = [r.item_id for r in result.recommendations]
         if is_why(text) or WHY_NOT_RE.match(text):
             ref = why_target(text, self.catalog, shown)
+            if ref is None and not is_why(text):  # "why not X?" naming no catalog item
+                return not_in_catalog(WHY_NOT_RE.sub("", text).strip(" ?!.'\"“”"), self.catalog.name)
             if ref is None:
                 raise InputError(f"cannot tell which item the question is about: {text[:80]!r}")
         else:
@@ -331,13 +375,17 @@ class Recommender:
             item_id = shown[n - 1]
         elif ref.focus and shown:
             item_id = shown[0]
+        if item_id is None and ref.focus:
+            raise InputError("nothing was recommended, so there is nothing to ask about")
         if item_id is None:
-            raise InputError(f"{text[:80]!r} is not a title in catalog {self.catalog.name}")
+            return not_in_catalog(text, self.catalog.name)
+        item = self.catalog.get(item_id)
         rec = result.recommendation(item_id)
-        if rec is not None and rec.reason is None:
-            for _ in self.explain_stream(result, rec.rank):
-                pass
-        return why_answer(item_id, self.catalog.get(item_id).label, result, details=details)
+        evidence = rec.reason.evidence if rec is not None and rec.reason is not None else None
+        if rec is not None and evidence is None:  # not explained yet: the same evidence, no generation
+            evidence = self.evidence(item_id, result.history, result.request.filters)
+        return why_answer(item_id, item.label, result, item=item, evidence=evidence, catalog=self.catalog,
+                          details=details or asks_details(text))
 
     def search(self, text: str, k: int = 10, filters: Filters | None = None) -> list[Candidate]:
         self.limits.check_text("text", text)

@@ -1,5 +1,5 @@
-"""Grounded explanations: evidence from the user's own history, LLM phrasing, a validator, a plain fallback,
-and "why" answers built from a request's result.
+"""Grounded explanations: evidence from the user's own history, LLM phrasing, a validator, a plain fallback
+(the "why" answers built from a request's result are in `recllm.why`).
 
 Evidence for a recommended item = the `n` history items whose vectors are most similar to it (cosine) plus the
 genres/tags it shares with them. The LLM phrases one sentence from that evidence (prompts/explain.txt); the
@@ -12,26 +12,26 @@ Titles named in generated text are found by `recllm.titles.TitleMatcher` (the ru
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from recllm.prompts import has_role_tag, join_and, load_prompt, sanitize
+from recllm.errors import ModelError
+from recllm.prompts import has_role_tag, join_and, load_prompt, load_sections, sanitize
 from recllm.titles import TitleMatcher, named_titles_outside  # noqa: F401 - re-exported for callers
 from recllm.titles import words as _words
 
 if TYPE_CHECKING:  # pragma: no cover
-    from recllm.catalog import Item
+    from recllm.catalog import Interactions, Item
+    from recllm.retrieve import Filters
     from recllm.llm import LM
-    from recllm.request import Result
 
-EXPLAIN_VARIABLES = frozenset({"item", "liked", "shared"})
+EXPLAIN_VARIABLES = frozenset({"item", "liked", "shared", "era", "co", "meets"})
 MAX_SHARED = 3  # genres/tags named in an explanation
 
 
@@ -42,26 +42,42 @@ class ExplainConfig:
     max_new_tokens: int = 48  # generation budget (one or two sentences)
     max_chars: int = 280  # longer text is rejected
     max_sentences: int = 2  # text is cut after this many sentences
-    title_chars: int = 60  # titles inserted into the prompt are cut to this
+    title_chars: int = 100  # titles inserted into the prompt are cut to this
     shared_chars: int = 40  # each genre/tag inserted into the prompt is cut to this
     repetition_penalty: float = 1.2  # greedy decoding of small models loops without it
 
 
 @dataclass(frozen=True)
 class Evidence:
-    """Why an item fits: the most similar history items (id, title, cosine) and shared genres/tags."""
+    """Why an item fits, all from data the engine has: the history items it is most like (id, title, cosine),
+    the genres/tags it shares with them, the collaborative fact (a history item and how many people liked both),
+    its era, and the constraints of the request it meets (in words)."""
 
     item_id: str
     liked: tuple[tuple[str, str, float], ...] = ()  # (item_id, title, similarity), most similar first
     shared: tuple[str, ...] = ()
+    co_liked: tuple[str, str, int] | None = None  # (history item id, title, people who liked both)
+    era: str = ""  # the item's decade ("1990s"), from its year
+    meets: tuple[str, ...] = ()  # the request's constraints it meets ("a Comedy", "from 1989 or earlier")
 
     @property
     def titles(self) -> tuple[str, ...]:
-        return tuple(title for _, title, _ in self.liked)
+        """The user's items named in the evidence (liked, then the collaborative one)."""
+        named = [title for _, title, _ in self.liked]
+        if self.co_liked and self.co_liked[1] not in named:
+            named.append(self.co_liked[1])
+        return tuple(named)
 
     def to_dict(self) -> dict:
-        return {"item_id": self.item_id, "shared": list(self.shared),
-                "liked": [{"item_id": i, "title": t, "similarity": round(s, 4)} for i, t, s in self.liked]}
+        out = {"item_id": self.item_id, "shared": list(self.shared),
+               "liked": [{"item_id": i, "title": t, "similarity": round(s, 4)} for i, t, s in self.liked]}
+        if self.co_liked:
+            out["co_liked"] = dict(zip(("item_id", "title", "people"), self.co_liked))
+        if self.era:
+            out["era"] = self.era
+        if self.meets:
+            out["meets"] = list(self.meets)
+        return out
 
 
 @dataclass
@@ -81,18 +97,26 @@ class Explanation:
         return out
 
 
-def evidence(item: Item, history_items: Sequence[Item], history_vectors: np.ndarray | None,
-             item_vector: np.ndarray | None, n: int = 2, max_shared: int = MAX_SHARED) -> Evidence:
-    """The `n` history items most similar to `item` (cosine of the given vectors, > 0; ties: the more recent) and
-    the genres (then tags) `item` shares with them; when they share none, those most common in the history.
+MIN_CO_LIKED = 3  # the collaborative fact is stated from this many people up
 
-    `history_items` and the rows of `history_vectors` are in the same (chronological) order. Without vectors
-    the most recent history items sharing a genre with `item` are used.
+
+def evidence(item: Item, history_items: Sequence[Item], history_vectors: np.ndarray | None,
+             item_vector: np.ndarray | None, n: int = 2, max_shared: int = MAX_SHARED, *,
+             interactions: Interactions | None = None, meets: Sequence[str] = ()) -> Evidence:
+    """The evidence for recommending `item` to someone with `history_items` (chronological; the rows of
+    `history_vectors` in the same order).
+
+    liked: the history item most similar to `item` (cosine of the vectors, > 0; ties: the more recent), then
+      the one most people liked together with it (`interactions.co_liked`, when given and different), then the
+      next most similar, up to `n`. Without vectors: the most recent history items sharing a genre with it.
+    shared: the genres (then tags) `item` shares with them; when none, those most common in the history.
+    co_liked: the history item most often liked together with `item`, with the count (from MIN_CO_LIKED).
     """
     history = [h for h in history_items if h.item_id != item.item_id]
     rows = [i for i, h in enumerate(history_items) if h.item_id != item.item_id]
+    era = f"{item.year // 10 * 10}s" if item.year else ""
     if not history or n <= 0:
-        return Evidence(item.item_id, (), _shared(item, [], history, max_shared))
+        return Evidence(item.item_id, (), _shared(item, [], history, max_shared), era=era, meets=tuple(meets))
     if history_vectors is not None and item_vector is not None and len(history_vectors):
         vectors = np.asarray(history_vectors, dtype=np.float64)[rows]
         target = np.asarray(item_vector, dtype=np.float64).reshape(-1)
@@ -101,10 +125,19 @@ def evidence(item: Item, history_items: Sequence[Item], history_vectors: np.ndar
     else:
         genres = set(item.genres)
         sims = np.array([len(genres & set(h.genres)) / (len(genres) or 1) for h in history], dtype=np.float64)
-    order = [i for i in sorted(range(len(history)), key=lambda i: (-sims[i], -i)) if sims[i] > 0][:n]
+    order = [i for i in sorted(range(len(history)), key=lambda i: (-sims[i], -i)) if sims[i] > 0]
+    co = None
+    if interactions is not None:
+        position = {h.item_id: i for i, h in enumerate(history)}
+        top = interactions.co_liked(item.item_id, [h.item_id for h in history])
+        if top and top[0][1] >= MIN_CO_LIKED:
+            best = position[top[0][0]]
+            co = (history[best].item_id, history[best].title, int(top[0][1]))
+            order = order[:1] + [best] + order[1:] if best not in order[:1] else order
+    order = list(dict.fromkeys(order))[:n]
     chosen = [history[i] for i in order]
     liked = tuple((h.item_id, h.title, float(sims[i])) for h, i in zip(chosen, order))
-    return Evidence(item.item_id, liked, _shared(item, chosen, history, max_shared))
+    return Evidence(item.item_id, liked, _shared(item, chosen, history, max_shared), co, era, tuple(meets))
 
 
 def _shared(item: Item, chosen: Sequence[Item], history: Sequence[Item], limit: int) -> tuple[str, ...]:
@@ -115,6 +148,26 @@ def _shared(item: Item, chosen: Sequence[Item], history: Sequence[Item], limit: 
         counts = Counter(x for h in history for x in (*h.genres, *h.tags))
         shared = sorted((x for x in own if counts[x]), key=lambda x: (-counts[x], own.index(x)))
     return tuple(x for x in shared if x and x != "(no genres listed)")[:limit]
+
+
+def constraints_met(item: Item, filters: Filters | None) -> tuple[str, ...]:
+    """The request's constraints `item` meets, in words (prompts/explain_meets.txt): a genre asked for that it
+    has, the year bounds when its year is inside them."""
+    if filters is None:
+        return ()
+    words = load_sections("explain_meets")
+    met = []
+    wanted = {g.lower() for g in filters.genres}
+    met += [words["genre"].render(genre=g) for g in item.genres if g.lower() in wanted][:1]
+    if item.year is None or not (filters.year_min or item.year) <= item.year <= (filters.year_max or item.year):
+        return tuple(met)  # the year bounds are not met (or cannot be told): none is claimed
+    if filters.year_min is not None and filters.year_max is not None:
+        met.append(words["years"].render(first=filters.year_min, last=filters.year_max))
+    elif filters.year_max is not None:
+        met.append(words["year_max"].render(year=filters.year_max))
+    elif filters.year_min is not None:
+        met.append(words["year_min"].render(year=filters.year_min))
+    return tuple(met)
 
 
 # -- validation ------------------------------------------------------------------------------------------------
@@ -135,14 +188,22 @@ def is_degenerate(text: str) -> bool:
 _SENTENCE_RE = re.compile(r"[^.!?]*[.!?]+(?:[\"')\]]+)?(?=\s|$)")
 
 
-def tidy(text: str, max_sentences: int = 2) -> tuple[str, bool]:
-    """(one-line text cut after `max_sentences` sentences, whether it ends a sentence)."""
+def tidy(text: str, max_sentences: int = 2, titles: Collection[str] = ()) -> tuple[str, bool]:
+    """(one-line text cut after `max_sentences` sentences, whether it ends a sentence). Full stops inside the
+    given `titles` ("Dr. Strangelove", "Independence Day (a.k.a. ID4)") end no sentence."""
     text = sanitize(text)
+    kept: dict[str, str] = {}
+    for title in sorted({t for t in titles if t and re.search(r"[.!?]", t)}, key=len, reverse=True):
+        mark = f"\x00{len(kept)}\x00"
+        if title in text:
+            kept[mark] = title
+            text = text.replace(title, mark)
     sentences = _SENTENCE_RE.findall(text)
-    if not sentences:
-        return text, False
-    kept = "".join(sentences[:max_sentences]).strip()
-    return kept, True
+    if sentences:
+        text = "".join(sentences[:max_sentences]).strip()
+    for mark, title in kept.items():
+        text = text.replace(mark, title)
+    return text, bool(sentences)
 
 
 _CLAIM_VERBS = frozenset({"liked", "loved", "enjoyed", "watched", "saw", "rated", "like", "love", "enjoy"})
@@ -190,17 +251,26 @@ def validate(text: str, *, allowed: Collection[str], matcher: TitleMatcher | Non
 
 # -- the explainer -------------------------------------------------------------------------------------------
 def fallback_text(evidence: Evidence, config: ExplainConfig | None = None) -> str:
-    """The plain sentence built only from the evidence (titles and genres/tags cut as in the prompt)."""
+    """The plain sentence built only from the evidence (titles and genres/tags cut as in the prompt), plus the
+    collaborative fact when there is one."""
     config = config or ExplainConfig()
-    liked = join_and([sanitize(t, config.title_chars) for t in evidence.titles])
-    shared = ", ".join(sanitize(s, config.shared_chars) for s in evidence.shared)
+    liked = join_and([sanitize(t, config.title_chars) for _, t, _ in evidence.liked])
+    shared = join_and([sanitize(s, config.shared_chars) for s in evidence.shared])
     if liked and shared:
-        return load_prompt("explain_fallback", {"liked", "shared"}).render(liked=liked, shared=shared)
-    if liked:
-        return load_prompt("explain_fallback_liked", {"liked"}).render(liked=liked)
-    if shared:
-        return load_prompt("explain_fallback_shared", {"shared"}).render(shared=shared)
-    return load_prompt("explain_fallback_none", set()).render()
+        text = load_prompt("explain_fallback", {"liked", "shared"}).render(liked=liked, shared=shared)
+    elif liked:
+        text = load_prompt("explain_fallback_liked", {"liked"}).render(liked=liked)
+    elif shared:
+        text = load_prompt("explain_fallback_shared", {"shared"}).render(shared=shared)
+    elif not evidence.co_liked:
+        return load_prompt("explain_fallback_none", set()).render()
+    else:
+        text = ""
+    if evidence.co_liked:
+        _, title, people = evidence.co_liked
+        text += " " + load_prompt("explain_fallback_co", {"people", "title"}).render(
+            people=people, title=sanitize(title, config.title_chars))
+    return text.strip()
 
 
 class Explainer:
@@ -224,10 +294,15 @@ class Explainer:
 
     def messages(self, item: Item, evidence: Evidence) -> list[dict[str, str]]:
         chars = self.config.title_chars
+        co = evidence.co_liked
         values = {
             "item": sanitize(item.title, chars),
+            "era": evidence.era or "-",
             "liked": join_and([sanitize(t, chars) for t in evidence.titles]) or "-",
             "shared": ", ".join(sanitize(s, self.config.shared_chars) for s in evidence.shared) or "-",
+            "co": load_prompt("explain_co", {"people", "title"}).render(
+                people=co[2], title=sanitize(co[1], chars)) if co else "-",
+            "meets": "; ".join(evidence.meets) or "-",
         }
         return self.prompt.messages(**values)
 
@@ -266,24 +341,32 @@ class Explainer:
                 yield i, prefix
         prefixes = list(drafts)
         late = deadline is not None and time.monotonic() > deadline
+        failed = None
         finished: set[int] = set()
         if not late:
             generated = self._generate(prompts, [item for item, _ in asks])
-            for i, piece in generated:
-                if piece is None:
-                    finished.add(i)
-                    yield i, self._finish(asks[i], drafts[i], prefixes[i], meta)
-                    continue
-                drafts[i] += piece
-                yield i, piece
-                if deadline is not None and time.monotonic() > deadline:
-                    late = True
-                    break
-            generated.close()  # no more tokens are computed
+            try:
+                for i, piece in generated:
+                    if piece is None:
+                        finished.add(i)
+                        yield i, self._finish(asks[i], drafts[i], prefixes[i], meta)
+                        continue
+                    drafts[i] += piece
+                    yield i, piece
+                    if deadline is not None and time.monotonic() > deadline:
+                        late = True
+                        break
+            except ModelError as exc:  # e.g. the LLM server went away mid-stream: the plain sentences instead
+                failed = f"the model failed: {exc}"
+            finally:
+                generated.close()  # no more tokens are computed
         for i, (item, ev) in enumerate(asks):
-            if i not in finished:
-                yield i, (self._fallback(ev, meta, rejected="stopped: past the time limit", draft=drafts[i]) if late
-                          else self._finish((item, ev), drafts[i], prefixes[i], meta))
+            if i in finished:
+                continue
+            if late or failed:
+                yield i, self._fallback(ev, meta, rejected=failed or "stopped: past the time limit", draft=drafts[i])
+            else:
+                yield i, self._finish((item, ev), drafts[i], prefixes[i], meta)
 
     def _generate(self, prompts: list[str], items: list[Item]) -> Iterator[tuple[int, str | None]]:
         cfg = self.config
@@ -319,7 +402,8 @@ class Explainer:
 
         item, evidence = ask
         cfg = self.config
-        text, complete = tidy(draft, cfg.max_sentences)
+        titles = [sanitize(t, cfg.title_chars) for t in (item.title, *evidence.titles)]
+        text, complete = tidy(draft, cfg.max_sentences, titles)
         if not complete and text and not self._hit_token_limit(draft[len(prefix):]):
             text, complete = text.rstrip(",;:- ") + ".", True  # the model stopped without a full stop
         allowed = [item.title, item.label, *evidence.titles, *evidence.shared]  # genres may be titles too
@@ -355,38 +439,3 @@ class Explainer:
             pass
         assert isinstance(final, Explanation)
         return final
-
-
-# -- "why" answers -------------------------------------------------------------------------------------------
-def _fmt(value: Any) -> str:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return "-"
-    return "-" if math.isnan(number) else f"{number:.2f}"
-
-
-def why_answer(item_id: str, title: str, result: Result, *, details: bool = False) -> str:
-    """Plain-text answer to "why (not) <title>?" from the facts of one request (`request.Result`): in the
-    history, never retrieved, recommended (with its reason) or ranked below the shown ones. `details`: add the
-    raw scores (prompts/why_scores.txt)."""
-    name = sanitize(title)
-    if item_id in set(result.history):
-        return load_prompt("why_in_history", {"title"}).render(title=name)
-    rows = result.candidate_rows()
-    row = next((r for r in rows if r["item_id"] == item_id), None)
-    if row is None:
-        return load_prompt("why_not_candidate", {"title", "n_candidates"}).render(
-            title=name, n_candidates=len(rows))
-    shown = len(result.recommendations)
-    values = {"title": name, "rank": row["rank"], "shown": shown, "n_candidates": len(rows)}
-    if row["rank"] <= shown:
-        rec = result.recommendation(item_id)
-        text = load_prompt("why").render(reason=sanitize(rec.explanation if rec else ""), **values)
-    else:
-        text = load_prompt("why_not_recommended").render(**values)
-    if details:
-        text += " " + load_prompt("why_scores").render(
-            llm_score=_fmt(row["llm_score"]), retriever_score=_fmt(row["retriever_score"]),
-            fused_score=_fmt(row["fused_score"]))
-    return " ".join(text.split())

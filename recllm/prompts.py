@@ -135,9 +135,17 @@ def prompt_path(name: str) -> Path:
     return paths.prompts_dir() / f"{name}.txt"
 
 
+_TEXTS: dict[Path, tuple[tuple[int, int], str]] = {}  # path -> ((mtime_ns, size), text): read again once changed
+
+
 def _read(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        stat = path.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        cached = _TEXTS.get(path)
+        if cached is None or cached[0] != stamp:
+            cached = _TEXTS[path] = (stamp, path.read_text(encoding="utf-8"))
+        return cached[1]
     except FileNotFoundError:
         raise PromptError(f"Prompt template not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:

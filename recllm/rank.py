@@ -11,6 +11,17 @@ Fusion: `fused = w * z(llm) + (1 - w) * z(retriever)`, z = z-score over the cand
 (0 when all scores are equal). w comes from the `fusion_weight` argument, else the adapter's metadata, else
 `DEFAULT_FUSION_WEIGHT`. w = 1 ranks by the LLM alone, w = 0 keeps the retriever order. Ties keep the
 retriever order.
+
+Letter bias (`RankConfig.calibration`): a small model prefers some letters whatever they label (the shipped
+adapter picked B or M for 135 of 150 users). "none" scores by the raw letter logits. "prior" subtracts the letter
+prior, the mean log-probability of each letter on content-free prompts (`letter_prior`),
+from the log-probabilities over the candidates' letters (contextual calibration). "reverse" also scores the
+candidates in reversed order (2 forward passes) and averages each candidate's two log-probabilities;
+"prior+reverse" does both. The prior comes from the adapter metadata (`letter_prior`, measured once per adapter
+at training time by `measure_letter_prior`, from train-split prompts with shuffled candidates or random catalog
+titles), else it is measured on first use on "N/A" prompts (2 prompts, no catalog needed; it over-corrects the
+shipped adapter) and kept. bench/letter_bias.py measures the bias and each option; on the shipped adapter no
+option raised validation NDCG@10 (docs/eval/llm-ranker/letter-bias.md), so the default is "none".
 """
 
 from __future__ import annotations
@@ -33,6 +44,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DEFAULT_FUSION_WEIGHT = 0.5  # LLM share of the fused score when neither the caller nor the adapter sets one
 RANK_VARIABLES = frozenset({"history", "candidates"})
+CALIBRATIONS = ("none", "prior", "reverse", "prior+reverse")
+CONTENT_FREE = "N/A"  # the title of every line of a content-free prompt (letter prior without a catalog)
+PRIOR_PROMPTS = 32  # random-title prompts the letter prior is averaged over
 _YEAR_RE = re.compile(r"\s*\(\d{4}\)\s*$")
 
 
@@ -45,6 +59,7 @@ class RankConfig:
     title_chars: int = 40  # each title cut to this many characters (keeps a trailing "(1995)")
     show_year: bool = False  # keep a trailing " (1995)": SmolLM2 spends 6 tokens on it (digits are single tokens)
     batch_size: int = 8  # prompts per forward pass
+    calibration: str = "none"  # letter-bias correction: one of CALIBRATIONS (see module doc)
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "batch_size"}
@@ -66,7 +81,8 @@ class Ranked(NamedTuple):
     """One ranked candidate: unpacks as `(candidate, llm_score, fused_score)`."""
 
     candidate: Candidate
-    llm_score: float  # the candidate's letter score: next-token logit (in-process) or log-probability (LLM server)
+    llm_score: float  # the candidate's letter score: next-token logit (in-process) or log-probability (LLM server);
+    # with a calibration, its calibrated log-probability among the candidates (the same on both)
     fused_score: float  # the order key (see module doc)
 
 
@@ -75,7 +91,43 @@ def _config_from(values: dict) -> RankConfig:
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise AdapterError(f"Adapter rank_config has unknown keys {', '.join(unknown)}: update recllm or retrain")
+    known.setdefault("calibration", "none")  # adapters from before calibration: raw logits, as they were tuned
     return RankConfig(**known)
+
+
+def _prior_from(values, adapter_id: str | None) -> np.ndarray | None:
+    if values is None:
+        return None
+    prior = np.asarray(values, dtype=np.float64)
+    if prior.ndim != 1 or not 1 <= prior.size <= len(LETTERS) or not np.isfinite(prior).all():
+        raise AdapterError(f"Adapter {adapter_id} has a malformed letter_prior (want up to {len(LETTERS)} "
+                           "finite numbers): update recllm or retrain")
+    return prior
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    top = x.max()
+    return x - top - np.log(np.exp(x - top).sum())
+
+
+def calibrate(forward: Sequence[float], reverse: Sequence[float] | None = None,
+              prior: Sequence[float] | None = None) -> np.ndarray:
+    """Calibrated scores of n candidates from their letter scores (logits or log-probabilities).
+
+    forward: the scores of letters A.. with the candidates in the given order; reverse: with them in reversed
+    order (letter A = the last candidate), or None; prior: each letter's log-probability on content-free
+    prompts (its first n entries are used), or None. Each pass becomes log-probabilities over the n letters,
+    minus the prior of the letter the candidate had; with `reverse`, the two are averaged.
+    """
+    n = len(forward)
+    shift = np.zeros(n) if prior is None else np.asarray(prior, dtype=np.float64)[:n]
+    if shift.size != n:
+        raise InputError(f"the letter prior has {shift.size} letters, {n} candidates were scored")
+    out = _log_softmax(forward) - shift
+    if reverse is not None:
+        out = (out + (_log_softmax(reverse) - shift)[::-1]) / 2.0
+    return out
 
 
 def zscore(values: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -121,6 +173,9 @@ class LLMRanker:
             raise InputError(f"Fusion weight must be between 0 and 1, not {self.fusion_weight}")
         if not 1 <= self.config.max_candidates <= len(LETTERS):
             raise InputError(f"max_candidates must be between 1 and {len(LETTERS)}")
+        if self.config.calibration not in CALIBRATIONS:
+            raise InputError(f"calibration must be one of {', '.join(CALIBRATIONS)}, not {self.config.calibration!r}")
+        self.letter_prior = _prior_from(meta.get("letter_prior") if meta else None, lm.adapter_id)
         # Every letter must be one token right where the prompt ends (ModelError otherwise).
         sample = self.build_prompt(["x"], ["y"])
         self.letter_ids = lm.letter_token_ids(len(LETTERS), prefix=sample)
@@ -152,21 +207,79 @@ class LLMRanker:
 
     def score(self, requests: Sequence[tuple[Sequence[str], Sequence[str]]],
               deadline: float | None = None) -> list[np.ndarray]:
-        """LLM scores per request `(history_titles, candidate_titles)`: float64 arrays, one per candidate.
+        """LLM scores per request `(history_titles, candidate_titles)`: float64 arrays, one per candidate (the raw
+        letter scores, or calibrated ones per `config.calibration`, see the module doc).
 
-        All prompts go through the model in padded batches; an empty candidate list scores as an empty array.
+        All prompts go through the model in padded batches (with "reverse", the reversed prompts too); an empty
+        candidate list scores as an empty array.
         Past `deadline` (a `time.monotonic()` value) no further batch is started: `RequestTimeout`.
         """
-        prompts = [self.build_prompt(h, c) for h, c in requests if len(c)]
+        mode = self.config.calibration
+        live = [(h, list(c)) for h, c in requests if len(c)]
+        prompts = [self.build_prompt(h, c) for h, c in live]
+        if "reverse" in mode:
+            prompts += [self.build_prompt(h, c[::-1]) for h, c in live]
         letters = self._letter_scores(prompts, deadline)
+        prior = self.prior() if "prior" in mode and live else None
         out, row = [], 0
         for _, candidates in requests:
             if not len(candidates):
                 out.append(np.zeros(0))
                 continue
-            out.append(letters[row][: len(candidates)])
+            n = len(candidates)
+            if mode == "none":
+                out.append(letters[row][:n])
+            else:
+                out.append(calibrate(letters[row][:n], letters[row + len(live)][:n] if "reverse" in mode else None,
+                                     prior))
             row += 1
         return out
+
+    def content_free_prompts(self, titles: Sequence[str] | None = None, n: int = PRIOR_PROMPTS,
+                             seed: int = 1) -> list[str]:
+        """The prompts the letter prior is measured on. With `titles` (a catalog's): `n` prompts of random titles
+        (history and candidates drawn independently, so no candidate fits its history; fixed `seed`). Without:
+        every title "N/A", the history full and half full."""
+        cfg = self.config
+        if titles is None:
+            lengths = sorted({cfg.max_history, cfg.max_history // 2})
+            return [self.build_prompt([CONTENT_FREE] * h, [CONTENT_FREE] * cfg.max_candidates) for h in lengths]
+        titles = list(titles)
+        if len(titles) < cfg.max_candidates:
+            raise InputError(f"the letter prior needs at least {cfg.max_candidates} titles, got {len(titles)}")
+        rng = np.random.default_rng(seed)
+        return [self.build_prompt([titles[i] for i in rng.choice(len(titles), cfg.max_history)],
+                                  [titles[i] for i in rng.choice(len(titles), cfg.max_candidates, replace=False)])
+                for _ in range(n)]
+
+    def measure_letter_prior(self, titles: Sequence[str] | None = None,
+                             requests: Sequence[tuple[Sequence[str], Sequence[str]]] | None = None,
+                             seed: int = 1) -> np.ndarray:
+        """Each letter's mean log-probability (over the candidate letters): what the model gives a letter whatever
+        it labels. `.tolist()` is the adapter metadata's `letter_prior`.
+
+        Measured on `content_free_prompts(titles)`, or, with `requests` (`(history titles, candidate titles)` of
+        real users, e.g. the train split's, each with `max_candidates` candidates), on their prompts with the
+        candidates shuffled (fixed `seed`): the true item then sits on every letter alike, so the mean is the
+        letter bias of real prompts (the prior that evened the letters best in bench/letter_bias.py).
+        """
+        n = self.config.max_candidates
+        if requests is None:
+            prompts = self.content_free_prompts(titles)
+        else:
+            rng = np.random.default_rng(seed)
+            full = [(h, list(c)) for h, c in requests if len(c) == n]
+            if not full:
+                raise InputError(f"the letter prior needs requests with {n} candidates")
+            prompts = [self.build_prompt(h, [c[i] for i in rng.permutation(n)]) for h, c in full]
+        rows = self._letter_scores(prompts, None)
+        return np.mean([_log_softmax(r[:n]) for r in rows], axis=0)
+
+    def prior(self) -> np.ndarray:
+        """The letter prior in use: the adapter's stored one, else measured now (once per ranker)."""
+        if self.letter_prior is None:
+            self.letter_prior = self.measure_letter_prior()
+        return self.letter_prior
 
     def _letter_scores(self, prompts: list[str], deadline: float | None) -> list[np.ndarray]:
         """The scores of all letters per prompt through the model's one ranking call, `lm.letter_scores`

@@ -41,6 +41,8 @@ class Filters:
     year_max: int | None = None  # inclusive
     exclude_ids: frozenset[str] = frozenset()  # never returned (on top of the history)
     where: dict | None = None  # extra metadata equality filters {column: value}
+    exclude_reasons: dict[str, str] = field(default_factory=dict)  # excluded id -> why, for "why not X?" answers
+    #   ("disliked": a thumbs down, "rejected": "not that one", "passed": "something else"); filters nothing
 
     def __post_init__(self):
         if isinstance(self.genres, str):

@@ -308,19 +308,20 @@ def check_fitted_on(fitted: CollaborativeRetriever, data) -> None:
 
 
 def fit_retriever(catalog=None, interactions=None, out_dir=None, *, seed: int = 0, config: SeqConfig | None = None,
-                  content_vectors=None, embedder=None, progress: bool = True) -> Path:
+                  content_vectors=None, embedder=None, progress: bool = True, min_count: int | None = None) -> Path:
     """Fit the fused collaborative retriever on the train split of (catalog, interactions) and save it.
 
     catalog / interactions: paths or loaded objects (None = bundled MovieLens). out_dir: default
     `paths.retrievers_dir() / catalog.name`. content_vectors / embedder: see `split.content_matrix`;
     when no embedding model is available the retriever is fitted without the content signal.
+    min_count: the k-core of the split (default `split.MIN_COUNT`; 1 or 2 for short sequences such as conversations).
     Returns the folder (load it with `CollaborativeRetriever.load`).
     """
     from recllm import paths, split
     from recllm.errors import RecllmError
 
     catalog, interactions = split.load_inputs(catalog, interactions)
-    data = split.prepare(catalog, interactions)
+    data = split.prepare(catalog, interactions, k=split.MIN_COUNT if min_count is None else min_count)
     try:
         content = split.content_matrix(data, catalog, interactions, vectors=content_vectors, embedder=embedder,
                                        progress=progress)

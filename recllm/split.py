@@ -2,7 +2,8 @@
 
 - interactions whose item is not in the catalog (so has no title) are dropped; repeated (user, item)
   pairs keep their first occurrence only, so a held-out item is always new to its user;
-- 5-core on users AND items, repeated until nothing changes;
+- 5-core on users AND items, repeated until nothing changes (`k` / `recllm fit-retriever --min-count`: a lower
+  core for short sequences such as conversations; a user always keeps at least 3 items, since two are held out);
 - per user, chronological order with ties broken by file row order; last item = test, second to last
   = validation, the rest = train.
 
@@ -24,6 +25,7 @@ import numpy as np
 from recllm.errors import CatalogError, InputError
 
 MIN_COUNT = 5  # k of the k-core filter, users and items alike
+MIN_USER_ITEMS = 3  # a user needs a train item besides the validation and test ones
 CONTENT_TEXTS = "train-side tags"  # recorded in a fitted retriever whose content vectors come from `item_texts`
 
 
@@ -63,8 +65,10 @@ class EvalData:
         return {u: [self.item_ids[i] for i in seq] for u, seq in zip(self.user_ids, self.train)}
 
 
-def k_core(sequences: dict[str, list[str]], k: int = MIN_COUNT) -> dict[str, list[str]]:
-    """Keep users and items with at least `k` interactions each, repeating until nothing changes."""
+def k_core(sequences: dict[str, list[str]], k: int = MIN_COUNT, *, user_k: int | None = None) -> dict[str, list[str]]:
+    """Keep items with at least `k` interactions and users with at least `user_k` (default `k`), repeating until
+    nothing changes."""
+    user_k = k if user_k is None else user_k
     seqs = {u: list(s) for u, s in sequences.items() if s}
     total = sum(len(s) for s in seqs.values())
     while True:
@@ -72,7 +76,7 @@ def k_core(sequences: dict[str, list[str]], k: int = MIN_COUNT) -> dict[str, lis
         new: dict[str, list[str]] = {}
         for user, seq in seqs.items():
             kept = [i for i in seq if item_counts[i] >= k]
-            if len(kept) >= k:
+            if len(kept) >= user_k:
                 new[user] = kept
         new_total = sum(len(s) for s in new.values())
         if new_total == total:
@@ -88,7 +92,8 @@ def split_sequences(
     k: int = MIN_COUNT,
     stats: dict | None = None,
 ) -> EvalData:
-    """5-core filter chronological `user -> [item ids]` and split leave-one-out.
+    """`k`-core filter chronological `user -> [item ids]` (users: at least `MIN_USER_ITEMS`) and split
+    leave-one-out.
 
     `item_order` fixes item indices (catalog order); items are otherwise numbered by first appearance.
     Repeated items in a user's sequence keep their first occurrence.
@@ -101,9 +106,12 @@ def split_sequences(
         "items": len({i for s in deduped.values() for i in s}),
         "interactions": sum(len(s) for s in deduped.values()),
     }
-    core = k_core(deduped, k)
+    if not isinstance(k, int) or k < 1:
+        raise InputError(f"the minimum count must be a whole number of at least 1, not {k!r}")
+    core = k_core(deduped, k, user_k=max(k, MIN_USER_ITEMS))
     if not core:
-        raise CatalogError(f"{name}: no user has {k} or more interactions after {k}-core filtering")
+        raise CatalogError(f"{name}: no user has {max(k, MIN_USER_ITEMS)} or more interactions after {k}-core "
+                           "filtering (a lower --min-count keeps shorter sequences)")
     present = {i for s in core.values() for i in s}
     if item_order is None:
         item_ids = list(dict.fromkeys(i for s in core.values() for i in s))

@@ -56,6 +56,9 @@ class TrainConfig:
     eval_users: int = 40  # fixed validation users scored at each evaluation step (true item retrieved)
     fusion_users: int = 0  # validation users (true item retrieved) for the fusion-weight grid (0: all)
     test_metrics: bool = True  # also score the test split and store the metrics in the adapter
+    explain_examples: int = 0  # explanation examples (recllm.explain_train) taught to the same adapter (0: none)
+    explain_cuts_per_user: int = 2  # explanation examples tried per user (the most recent cuts)
+    init_adapter: str = ""  # start the LoRA weights from this adapter folder (e.g. the shipped one)
     seed: int = 0  # example order, candidate shuffles, LoRA init
     threads: int = 1  # torch CPU threads (1 is fastest on a busy machine: OpenMP spins on shared cores)
 
@@ -235,7 +238,15 @@ def phase_metrics(scores: PhaseScores, data: split.EvalData, weight: float) -> d
         "fused_subset": metrics.summarize(ranks[hit]) if hit.any() else {},
         "fusion_weight": weight,
         "letter_wins": scores.letter_wins(),
+        "paired_ndcg@10": paired_gain(scores.ranking.ranks, ranks),
     }
+
+
+def paired_gain(retriever_ranks: np.ndarray, fused_ranks: np.ndarray, k: int = 10) -> dict:
+    """NDCG@k of the fused ranking minus the retriever's, per user, with a paired bootstrap over the same users
+    (`metrics.bootstrap`): mean difference, 95% interval, one- and two-sided p."""
+    found = metrics.bootstrap(metrics.per_user(fused_ranks, "ndcg", k), metrics.per_user(retriever_ranks, "ndcg", k))
+    return {name: round(value, 5) for name, value in found.items()}
 
 
 # ---------------------------------------------------------------- the run
@@ -316,6 +327,10 @@ def train(catalog=None, interactions=None, *, model=None, out: str | Path | None
     print(f"recllm: {len(examples)} training examples ({example_stats['retrieved_rate']:.1%} of cuts retrieved "
           f"the true item), ~{example_stats['prompt_tokens_mean']:.0f} prompt tokens", file=sys.stderr)
 
+    text_examples, explain_stats = [], None
+    if cfg.explain_examples:
+        text_examples, explain_stats = _explain_examples(data, catalog, interactions, base, cfg, progress)
+
     valid_ranking = evaluate.rank_all(score_fn, data, "valid")
 
     def eval_fn(lm) -> dict:
@@ -343,7 +358,8 @@ def train(catalog=None, interactions=None, *, model=None, out: str | Path | None
         r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, layers=cfg.lora_layers or None, batch_size=cfg.batch_size,
         lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
         eval_steps=cfg.eval_steps, save_steps=cfg.eval_steps, seed=cfg.seed, resume=resume, finish=finish,
-        progress=progress, threads=cfg.threads,
+        progress=progress, threads=cfg.threads, text_examples=text_examples,
+        init_adapter=_init_adapter(cfg.init_adapter), keep_best=not text_examples,
     )
     train_wall = time.monotonic() - t
     evals = [h for h in info["log_history"] if "eval_ndcg10" in h]
@@ -385,6 +401,8 @@ def train(catalog=None, interactions=None, *, model=None, out: str | Path | None
         hyperparameters={**asdict(cfg), "lora_target_modules": info["lora"]["target_modules"],
                          "lora_layer_indices": info["lora"]["layers"],
                          "loss": "cross-entropy over candidate-letter logits"},
+        tasks=["rank", "explain"] if text_examples else ["rank"],
+        explain=_explain_meta(explain_stats) if text_examples else None,
         metrics={**result_metrics, "eval_history": evals, "best_step_valid_ndcg10": info["best_metric"]},
         training={"global_step": info["global_step"], "best_checkpoint": info["best_checkpoint"],
                   "train_wall_s": round(train_wall, 1), "eval_during_training_s": round(eval_seconds, 1),
@@ -396,6 +414,40 @@ def train(catalog=None, interactions=None, *, model=None, out: str | Path | None
     )
     folder = llm.save_adapter(tuned, out, **meta)
     return folder
+
+
+def _explain_examples(data, catalog, interactions, base, cfg: TrainConfig, progress: bool):
+    """Explanation examples from the train split (`explain_train`), with their counts."""
+    from recllm.explain import Explainer
+    from recllm.explain_train import build_explain_examples, train_side_interactions
+
+    t = time.monotonic()
+    vectors = split.content_matrix(data, catalog, interactions, progress=progress)
+    examples, stats = build_explain_examples(
+        data, catalog, train_side_interactions(interactions, data), vectors, Explainer(base),
+        n=cfg.explain_examples, cuts_per_user=cfg.explain_cuts_per_user, min_history=cfg.min_history, seed=cfg.seed)
+    if not examples:
+        raise InputError("No explanation examples: no train-split item had a similar liked item to name")
+    stats["build_seconds"] = round(time.monotonic() - t, 1)
+    print(f"recllm: {len(examples)} explanation examples", file=sys.stderr)
+    return examples, stats
+
+
+def _explain_meta(stats: dict) -> dict:
+    from recllm.prompts import load_prompt
+
+    prompt = load_prompt("explain")
+    return {"prompt": {"name": prompt.name, "sha256": prompt.sha256}, "examples": stats,
+            "targets": "prompts/explain_targets.txt phrasings filled with each example's evidence (train split)",
+            "loss": "next-token cross-entropy on the completion"}
+
+
+def _init_adapter(value: str) -> Path | None:
+    if not value:
+        return None
+    from recllm.llm.adapters import resolve_adapter
+
+    return resolve_adapter(value)
 
 
 def _resumed_step(info: dict) -> int:
@@ -442,6 +494,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-users", type=int, default=None,
                         help=f"validation users per evaluation (default {d.eval_users})")
     parser.add_argument("--lora-layers", type=int, default=None, help="LoRA on the top N layers only (default: all)")
+    parser.add_argument("--explain-examples", type=int, default=None,
+                        help="also teach the adapter to explain: N explanation examples from the train split "
+                             f"(default {d.explain_examples}: ranking only)")
+    parser.add_argument("--init-adapter", default=None,
+                        help="start from this adapter's LoRA weights (a folder or a name under adapters/)")
     parser.add_argument("--seed", type=int, default=None, help=f"seed (default {d.seed})")
     parser.add_argument("--no-test", action="store_true", help="skip scoring the test split after training")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -452,7 +509,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = _config_from_dict(values)
     for arg, name in (("examples", "max_examples"), ("epochs", "epochs"), ("max_steps", "max_steps"),
                       ("batch_size", "batch_size"), ("lr", "lr"), ("eval_steps", "eval_steps"),
-                      ("eval_users", "eval_users"), ("lora_layers", "lora_layers"), ("seed", "seed")):
+                      ("eval_users", "eval_users"), ("lora_layers", "lora_layers"), ("seed", "seed"),
+                      ("explain_examples", "explain_examples"), ("init_adapter", "init_adapter")):
         value = getattr(args, arg, None)
         if value is not None:
             setattr(cfg, name, value)

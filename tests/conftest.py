@@ -152,6 +152,7 @@ class SpyEngine:
         self.inner = inner
         self.requests: list = []
         self.whys: list = []
+        self.explains: list = []  # the asks of each explain_many call
         self.fail: dict[str, Exception] = {}  # method name -> error to raise
         self.entered = threading.Event()  # a call is inside recommend()
         self.release = threading.Event()  # let it go on (set unless gated)
@@ -183,6 +184,11 @@ class SpyEngine:
     def explain_stream(self, result, rank, deadline=None):
         self._call("explain_stream")
         return self.inner.explain_stream(result, rank, deadline=deadline)
+
+    def explain_many(self, asks, deadline=None):
+        self._call("explain_many")
+        self.explains.append(list(asks))
+        return self.inner.explain_many(asks, deadline=deadline)
 
     def why(self, question, result, *, details=False):
         self._call("why")

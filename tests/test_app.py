@@ -85,7 +85,7 @@ def test_browser_conversation(served, recommender, tmp_path):
             expect(card(4)).to_be_visible()
             first = card_titles()
             assert len(first) == 5 and "Heat" not in first and "Toy Story" not in first
-            expect(page.locator("#card-text-0")).to_contain_text("Because you liked")  # the reason
+            expect(page.locator("#card-text-0")).to_contain_text("which you liked")  # the reason
 
             # refine: only comedies -> every card is a comedy
             say("only comedies", "only Comedy")
@@ -188,11 +188,11 @@ class StreamGate(SpyEngine):
         self.streaming = threading.Event()  # the turn waits for its first reason
         self.go_on = threading.Event()
 
-    def explain_stream(self, result, rank, deadline=None):
+    def explain_many(self, asks, deadline=None):
         if not self.go_on.is_set():
             self.streaming.set()
             self.go_on.wait(timeout=300)
-        yield from super().explain_stream(result, rank, deadline)
+        yield from super().explain_many(asks, deadline)
 
 
 @pytest.mark.server

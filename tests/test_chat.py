@@ -351,7 +351,7 @@ def test_streams_from_the_tiny_language_model(chat_home, tiny_lm):
 
 @pytest.mark.parametrize("method, error", [
     ("recommend", ModelError("the language model cannot be loaded")),
-    ("explain_stream", RecllmError("explanations are broken")),
+    ("explain_many", RecllmError("explanations are broken")),
     ("why", InputError("no such item")),
 ])
 def test_engine_errors_become_replies(session, rec, method, error):
@@ -362,7 +362,7 @@ def test_engine_errors_become_replies(session, rec, method, error):
     finally:
         rec.fail.clear()
     assert reply.done
-    if method == "explain_stream":  # the list still comes, without those reasons
+    if method == "explain_many":  # the list still comes, without those reasons
         assert reply.intent == "recommend" and len(reply.items) == 5
     else:
         assert reply.intent == "error" and str(error) in reply.text

@@ -51,3 +51,16 @@ def test_banned_words_are_what_the_checker_rejects():
         for word in banned_words(item):
             assert contradictions(f"a {word} film", item) or unsupported_praise(f"a {word} film"), word
     assert "scary" not in banned_words(Item("1", "Scary Stories", 2019, ("Drama",)))  # a word of its own title
+
+
+def test_years_and_decades_other_than_the_items_own_are_contradictions():
+    from recllm.catalog import Item
+
+    monkeys = Item("32", "Twelve Monkeys", 1995, ("Mystery", "Sci-Fi", "Thriller"))
+    assert contradictions("Released in 1985, it is a tense thriller.", monkeys) == ["1985"]
+    assert contradictions("A 1990s sci-fi mystery from 1995.", monkeys) == []
+    assert contradictions("A 1980's mystery.", monkeys) == ["1980's"]
+    assert contradictions("It has the Sci-Fi of Blade Runner (1982).", monkeys, titles=["Blade Runner (1982)"]) == []
+    assert contradictions("A stylish noir and other noirs.", monkeys) == ["noir", "noirs"]
+    assert contradictions("12 people who liked Heat also liked it.", monkeys) == []
+    assert contradictions("Made in 2018.", Item("x", "No Year")) == ["2018"]

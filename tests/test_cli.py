@@ -191,7 +191,7 @@ def test_why_answers_for_recommended_and_not_recommended(capsys, indexed):
     top = json.loads(out)[0]
     code, out, err = run(capsys, "why", "#1", *common)
     assert code == 0, err
-    assert top["title"] in out and "#1" in out and "Because you liked" in out
+    assert top["title"] in out and "#1" in out and "which you liked" in out
     code, out, err = run(capsys, "why", "Toy Story", *common)  # in user 1's history: never recommended
     assert code == 0, err
     assert "Toy Story" in out and "#1" not in out

@@ -210,3 +210,134 @@ def test_bad_dialogue_files_are_one_line_errors(tmp_path, bad):
     path.write_text(bad + "\n")
     with pytest.raises(InputError, match="line 1"):
         cv.read_dialogues(path)
+
+
+# -- the popularity prior on the engine path: a turn with no usable title and no ask ---------------------------
+
+
+@pytest.fixture(scope="module")
+def real_rec(chat_home):
+    from conftest import build_recommender
+
+    return build_recommender(chat_home)
+
+
+def test_engine_answers_the_most_popular_items_inside_the_filters(real_rec):
+    from recllm.errors import EmptyHistory, InputError
+    from recllm.request import Request
+
+    rec, counts = real_rec, real_rec.interactions.popularity()
+    comedies = sorted((i for i in rec.catalog if "Comedy" in i.genres), key=lambda i: -counts[i.item_id])
+    top = comedies[0].item_id
+    result = rec.recommend(Request(k=3, filters=Filters(genres=("Comedy",), exclude_ids={top}), explain=0))
+    assert [r.item_id for r in result.recommendations] == [i.item_id for i in comedies[1:4]]
+    assert all("popularity" in r.candidate.signals for r in result.ranked)
+    assert "most popular" in result.trace["ranker"]["reason"]  # the trace says why these were picked
+    with pytest.raises(EmptyHistory, match="nothing to recommend from"):  # an API call with nothing at all
+        rec.recommend(Request(k=3))
+    with pytest.raises(EmptyHistory, match="no such film"):  # titles that all failed stay an error
+        rec.recommend(Request(history=["no such film xyz"], k=3, filters=Filters()))
+    try:
+        rec.use_popularity({comedies[-1].item_id: 1000})  # e.g. conversation mention counts
+        assert rec.recommend(Request(k=1, filters=Filters(), explain=0)).recommendations[0].item_id == \
+            comedies[-1].item_id
+        with pytest.raises(InputError, match="no numeric column"):
+            rec.use_popularity(column="votes")
+    finally:
+        rec.use_popularity()
+
+
+def test_chat_and_batch_turns_with_nothing_usable_get_popular_picks(real_rec):
+    from recllm import batch
+    from recllm.chat import ChatSession
+    from recllm.chat.replies import say
+
+    counts = real_rec.interactions.popularity()
+    session = ChatSession(real_rec, intent_model=None)
+    reply = session.respond("what should I watch?")
+    assert reply.intent == "recommend" and say("ack_popular") in reply.text
+    assert [c.item_id for c in reply.items] == [i for i, _ in counts.most_common(len(reply.items))]
+    heat = real_rec.catalog.resolve("Heat (1995)")
+    reply = ChatSession(real_rec, intent_model=None).respond("I didn't like Heat, any suggestions?")
+    assert reply.intent == "recommend" and heat not in [c.item_id for c in reply.items]
+    assert ChatSession(real_rec, intent_model=None).respond("asdkjh qwe zxcv").intent == "clarify"
+    rows = [{"id": "hi", "k": 3, "messages": [{"role": "user", "content": "hi! I'm looking for a movie"}]},
+            {"id": "no", "k": 3, "messages": [{"role": "user", "content": "hello"},
+                                              {"role": "assistant", "content": "hi! what do you like?"},
+                                              {"role": "user", "content": "no comedies please"}]}]
+    out = {o["id"]: o for o in batch.process(real_rec, rows)}
+    assert [r["item_id"] for r in out["hi"]["recommendations"]] == [i for i, _ in counts.most_common(3)]
+    no_comedy = [i for i, _ in counts.most_common() if "Comedy" not in real_rec.catalog.get(i).genres][:3]
+    assert [r["item_id"] for r in out["no"]["recommendations"]] == no_comedy
+
+
+# -- conversations as interactions for `recllm fit-retriever` (a low k-core for short sequences) -------------
+
+
+def test_k_core_keeps_short_sequences_when_asked():
+    from recllm import split
+    from recllm.errors import CatalogError, InputError
+
+    seqs = {f"c{n}": ["1", "2", "3"] if n % 2 else ["4", "5", "7"] for n in range(6)}
+    with pytest.raises(CatalogError, match="min-count"):
+        split.split_sequences(seqs, k=5)  # the MovieLens default drops every conversation
+    data = split.split_sequences(seqs, k=2)
+    assert data.n_users == 6 and data.stats["k_core"] == 2 and all(len(t) == 1 for t in data.train)
+    assert split.k_core({"a": ["1", "2"], "b": ["1", "2"]}, 2, user_k=3) == {}  # two items leave nothing to train
+    with pytest.raises(InputError, match="at least 1"):
+        split.split_sequences(seqs, k=0)
+
+
+def pattern_dialogues(path, n: int = 24):
+    """`n` dialogues where "1" is followed by "2" (then "3"), "4" by "5" (then "7"); some seekers dislike one."""
+    lines = []
+    for d in range(n):
+        a, b, c = ("1", "2", "3") if d % 2 else ("4", "5", "7")
+        lines.append(json.dumps(dialogue_json(f"d{d}", [(1, f"I loved @{a}"), (2, f"then try @{b}"),
+                                                        (1, "seen it"), (2, f"or @{c}"), (2, "or @6 or @8")],
+                                              {c: {"liked": 0}} if d % 6 == 0 else {})))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_eval_conversations_with_a_fitted_retriever(tmp_path, capsys):
+    from recllm.cli import main
+
+    movies = tmp_path / "movies.csv"
+    movies.write_text("movieId,movieName\n" + "".join(f"{i},{t}\n" for i, t in TITLES.items()))
+    dialogues = pattern_dialogues(tmp_path / "dialogues.jsonl", 40)
+    assert main(["eval-conversations", str(dialogues), "--fit-retriever", "--min-count", "2", "--json", "-q",
+                 "--out", str(tmp_path / "report")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    systems = report["systems"]
+    assert {"popularity floor", "fitted retriever on conversations", "all knowledge + fitted retriever"} <= set(systems)
+    assert "linked knowledge (MovieLens)" not in systems  # no --link
+    held = systems["fitted retriever on conversations"]["strict"]
+    assert held["pairs"] == 20 * 4 and held["errors"] == 0  # 20 held-out dialogues: b, then c, 6 and 8
+    assert held["recall@10"]["mean"] == 1.0  # 8 movies: every target is in the top 10
+    assert "retriever" in report["protocol"] and (tmp_path / "report" / "report.md").is_file()
+
+
+def test_fit_retriever_on_dialogues_and_rank_with_it(tmp_path):
+    from recllm import seqrec
+    from recllm.catalog import load_interactions
+    from recllm.cli import main
+
+    catalog_csv = tmp_path / "titles.csv"
+    catalog_csv.write_text("item_id,title,year\n" + "".join(f"{i.item_id},{i.title},{i.year or ''}\n"
+                                                            for i in title_only()))
+    dialogues = pattern_dialogues(tmp_path / "d.jsonl")
+    out, written = tmp_path / "retriever", tmp_path / "conv.csv"
+    assert main(["fit-retriever", "--catalog", str(catalog_csv), "--dialogues", str(dialogues), "--min-count", "2",
+                 "--write-interactions", str(written), "--out", str(out), "-q"]) == 0
+    inter = load_interactions(written)
+    assert inter.history("conv-d1") == ["1", "2", "3", "6", "8"]
+    assert inter.history("conv-d0") == ["4", "5", "6", "8"]  # "7" disliked
+    fitted = seqrec.CollaborativeRetriever.load(out)
+    assert fitted.meta["data_stats"]["k_core"] == 2 and fitted.meta["data_stats"]["users"] == 24
+    r, cat = ranker(retriever=fitted)
+    assert "retriever" in r.available()
+    # it learned which movies go together in these conversations
+    assert r.rank([read(cat, [(1, "I loved @1")])], k=1, weights={"retriever": 1.0})[0][0] in ("2", "3")
+    assert r.rank([read(cat, [(1, "I loved @4")])], k=1, weights={"retriever": 1.0})[0][0] in ("5", "7")
+    assert not r.signals([read(cat, [(1, "hello")])])["retriever"].any()  # nothing it knows: a flat row

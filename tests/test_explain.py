@@ -1,4 +1,4 @@
-"""Evidence, explanation validator, fallback, streaming and "why" answers."""
+"""Evidence, explanation validator, fallback and streaming ("why" answers: tests/test_why.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from recllm.explain import (
     claims_liked,
     tidy,
     validate,
-    why_answer,
 )
 
 TOY = Item("1", "Toy Story", 1995, ("Adventure", "Animation", "Comedy"))
@@ -91,8 +90,12 @@ def test_evidence_never_uses_items_outside_history_or_the_item_itself():
 
 def test_fallback_sentences():
     ev = Evidence("2671", (("7", "Sabrina", 0.9), ("11", "The American President", 0.8)), ("Comedy", "Romance"))
-    assert fallback_text(ev) == "Because you liked Sabrina and The American President; shares Comedy, Romance."
-    assert fallback_text(Evidence("x", (("7", "Sabrina", 0.9),))) == "Because you liked Sabrina."
+    assert fallback_text(ev) == "It has the Comedy and Romance of Sabrina and The American President, which you liked."
+    assert fallback_text(Evidence("x", (("7", "Sabrina", 0.9),))) == "It is close to Sabrina, which you liked."
+    co = Evidence("x", (("7", "Sabrina", 0.9),), ("Comedy",), co_liked=("11", "The American President", 12))
+    assert fallback_text(co) == ("It has the Comedy of Sabrina, which you liked. "
+                                 "12 people who liked The American President also liked it.")
+    assert co.titles == ("Sabrina", "The American President")  # the collaborative item is evidence too
     assert "Comedy" in fallback_text(Evidence("x", (), ("Comedy",)))
     assert fallback_text(Evidence("x"))
     long = fallback_text(Evidence("x", (("7", "Endless " * 100 + "(1999)", 0.9),), ("Drama " * 50,)))
@@ -233,46 +236,6 @@ def test_property_explanations_are_always_grounded(catalog, data):
     assert final.source == "llm" or final.text == fallback
 
 
-# -- why -----------------------------------------------------------------------------------------------------
-def why_result(shown: int, reason: str | None = None, history=("50", "51")):
-    """A result with 8 ranked candidates "1".."8" (LLM scores 2, 1, 0, ...), the top `shown` recommended."""
-    from recllm.rank import Ranked
-    from recllm.request import Recommendation, Request, Result
-    from recllm.retrieve import Candidate
-
-    ranked = [Ranked(Candidate(str(i), f"Movie {i}", 0.5, {}), 3.0 - i, 1.0 / i) for i in range(1, 9)]
-    recs = [Recommendation(r.candidate.item_id, r.candidate.title, r.fused_score, rank=n)
-            for n, r in enumerate(ranked[:shown], start=1)]
-    if reason is not None:
-        recs[0].reason = Explanation(reason, "fallback", Evidence("1"))
-    return Result(Request(), list(history), [f"Old {h}" for h in history], ranked, recs,
-                  prompt_order=[r.candidate.item_id for r in ranked])
-
-
-def test_why_recommended():
-    text = why_answer("1", "Movie 1", why_result(3, "Because you liked X."))
-    assert text.startswith("Movie 1 was recommended at #1 of 3 (out of 8 candidates).")
-    assert "Because you liked X." in text and "\n" not in text
-    assert "Scores" not in text and "2.00" not in text  # raw scores only when asked for
-    assert "language model 2.00" in why_answer("1", "Movie 1", why_result(3), details=True)
-
-
-def test_why_not_recommended_but_candidate():
-    text = why_answer("5", "Movie 5", why_result(3))
-    assert "not recommended" in text and "#5 of 8" in text and "top 3" in text
-
-
-def test_why_not_a_candidate_and_in_history():
-    text = why_answer("99", "Other", why_result(3))
-    assert "not recommended" in text and "not among the 8 candidates" in text
-    assert "already in your history" in why_answer("51", "Old", why_result(3))
-
-
-@pytest.mark.parametrize("reason", ["", None])
-def test_why_without_reason_has_no_double_spaces(reason):
-    assert "  " not in why_answer("1", "Movie 1", why_result(2, reason))
-
-
 def test_one_list_of_ordinary_words_for_every_title_matcher():
     """The validator and the chat's spotter read titles with one normalisation and one list of ordinary words
     (`recllm.titles`): a one-word title that is an everyday word is never matched in a sentence."""
@@ -283,3 +246,59 @@ def test_one_list_of_ordinary_words_for_every_title_matcher():
     assert matcher.find("Kids will love it, and so will grown-ups: it is Up there with Heat.") == ["Heat"]
     assert matcher.find("a toy Story") == ["Toy Story"]  # "story" is an everyday word, "Story" still a title
     assert titles.normalize_title("Amélie: the Fabulous-Destiny!") == "amelie the fabulous destiny"
+
+
+def test_evidence_carries_the_collaborative_fact_the_era_and_the_constraints_met():
+    from recllm.catalog import Interactions, Item
+    from recllm.explain import constraints_met
+    from recllm.retrieve import Filters
+
+    heat = Item("6", "Heat", 1995, ("Action", "Crime", "Thriller"))
+    toy = Item("1", "Toy Story", 1995, ("Animation", "Comedy"))
+    ronin = Item("7", "Ronin", 1998, ("Action", "Crime", "Thriller"))
+    casino = Item("8", "Casino", 1995, ("Crime", "Drama"))
+    rows = [(f"u{u}", i, t, 5.0) for u in range(4) for t, i in enumerate(("6", "8"))]  # 4 people liked Heat + Casino
+    rows += [("u9", "1", 0, 5.0), ("u9", "8", 1, 5.0), ("u8", "7", 0, 2.0), ("u8", "8", 1, 5.0)]  # u8 did not like Ronin
+    inter = Interactions(rows)
+    assert inter.co_liked("8", ["1", "6", "7"]) == [("6", 4), ("1", 1)]  # a rating of 2 is not "liked"
+    history = [toy, ronin, heat]
+    vectors = np.array([[1.0, 0.0], [0.0, 1.0], [0.1, 0.9]])  # Ronin is the closest in content, Heat next
+    meets = constraints_met(casino, Filters(genres=("crime",), year_max=1999))
+    ev = evidence(casino, history, vectors, np.array([0.0, 1.0]), interactions=inter, meets=meets)
+    assert ev.co_liked == ("6", "Heat", 4) and ev.era == "1990s"
+    assert [t for _, t, _ in ev.liked] == ["Ronin", "Heat"]  # the most similar, then the most liked together
+    assert ev.meets == ("a Crime title, as you asked", "from 1999 or earlier, as you asked")
+    traced = ev.to_dict()
+    assert traced["co_liked"] == {"item_id": "6", "title": "Heat", "people": 4} and traced["meets"] == list(meets)
+    few = evidence(casino, [toy, heat], None, None, interactions=Interactions(rows[:2] + rows[-4:]))
+    assert few.co_liked is None  # one person is no collaborative fact (MIN_CO_LIKED)
+    assert constraints_met(casino, Filters(year_min=1990)) == ("from 1990 or later, as you asked",)
+    assert constraints_met(casino, Filters(genres=("crime",), year_min=2000)) == ("a Crime title, as you asked",)
+    assert constraints_met(casino, None) == ()
+
+
+def test_a_model_that_fails_mid_stream_gives_the_plain_sentences():
+    from recllm.errors import ModelError
+
+    class Dropping(ScriptedLM):  # a server that goes away after two pieces (RemoteLM raises ModelError)
+        def stream_many(self, prompts, max_new_tokens, **kwargs):
+            yield 0, " like Sabrina"
+            yield 1, " it is"
+            raise ModelError("The LLM server at http://127.0.0.1:1 closed the stream (reset)")
+
+    ev = Evidence(NOTTING.item_id, (("7", "Sabrina", 0.9),), ("Comedy",))
+    out = list(Explainer(Dropping(""), titles=MATCHER).stream_many([(NOTTING, ev), (NOTTING, ev)]))
+    finals = [p for _, p in out if not isinstance(p, str)]
+    assert [f.source for f in finals] == ["fallback", "fallback"]
+    assert finals[0].text == fallback_text(ev) and "closed the stream" in finals[0].rejected
+
+
+def test_full_stops_inside_titles_end_no_sentence():
+    from recllm.explain import tidy
+
+    titles = ["Independence Day (a.k.a. ID4)", "Dr. Strangelove or: How I Learned to Stop Worrying and Love the Bomb"]
+    text = ("You may enjoy Independence Day (a.k.a. ID4) because like Dr. Strangelove or: How I Learned to Stop "
+            "Worrying and Love the Bomb it is a wild ride. It has Sci-Fi. And more.")
+    kept, complete = tidy(text, 2, titles)
+    assert complete and kept == text.rsplit(" And more.", 1)[0]
+    assert tidy("You may enjoy Dr. No because", 2, [])[0] == "You may enjoy Dr."  # what the titles prevent

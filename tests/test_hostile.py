@@ -193,19 +193,24 @@ def assert_rank_prompt(ranker: LLMRanker, prompt: str, n_history: int, n_options
 
 
 def assert_explain_prompt(explainer: Explainer, prompt: str) -> None:
-    item = Item("v", "VALUE")
-    benign = explainer.build_prompt(item, Evidence("v", (("w", "VALUE", 1.0),), ("VALUE",)))
+    # every inserted value (title, era, liked titles, shared genres/tags, collaborative fact, constraints) "VALUE"
+    benign = explainer.lm.chat_text(explainer.prompt.messages(**{v: "VALUE" for v in explainer.prompt.variables}))
     # the longest value: two liked titles ("A and B") or three genres/tags ("a, b, c")
     longest = max(2 * explainer.config.title_chars + 5, 3 * explainer.config.shared_chars + 4)
     assert_same_structure(explainer.lm, prompt, benign, longest)
 
 
+def _system_line(prompt: str) -> str:
+    """The template's own system text (the 2nd line): catalog text, which may quote any template, comes later."""
+    return prompt.split("\n", 2)[1] if prompt.count("\n") >= 2 else ""
+
+
 def rank_prompts(lm: RecordingLM) -> list[str]:
-    return [p for p in lm.prompts if "Which one will the user pick next?" in p]
+    return [p for p in lm.prompts if _system_line(p).startswith("You predict what a user picks next.")]
 
 
 def explain_prompts(lm: RecordingLM) -> list[str]:
-    return [p for p in lm.prompts if "In one sentence, explain why" in p]
+    return [p for p in lm.prompts if _system_line(p).startswith("You explain recommendations")]
 
 
 def ranked_counts(result) -> tuple[int, int]:

@@ -144,6 +144,56 @@ def test_adapter_loads_on_its_base_and_changes_the_model(tiny_folder, tmp_path):
     torch.testing.assert_close(base.next_token_logits(["Hi"]), llm.tiny_lm(seed=0).next_token_logits(["Hi"]))
 
 
+def test_adapter_merge_is_cached_and_loads_without_peft(tiny_folder, tmp_path, monkeypatch):
+    from recllm.llm import load
+
+    monkeypatch.setenv("RECLLM_MODELS_CACHE", str(tmp_path / "models"))
+    folder = _adapter(llm.load_model(tiny_folder), tmp_path / "ada")
+    fresh = llm.apply_adapter(load._load_base(tiny_folder), folder)  # the merge done in memory
+    first = load._load_merged(tiny_folder, str(folder), False)
+    merged = list((tmp_path / "models" / "merged").iterdir())
+    assert len(merged) == 1 and merged[0].name.startswith(f"{tiny_folder.name}+ada-")
+    calls = []
+    monkeypatch.setattr(load, "apply_adapter", lambda *a, **k: calls.append(a))
+    again = load._load_merged(tiny_folder, str(folder), False)  # from the cache: no merge, no peft
+    assert calls == [] and again.adapter_id == "ada" and again.adapter_metadata == first.adapter_metadata
+    for lm in (first, again):
+        torch.testing.assert_close(lm.next_token_logits(["Hi there"]), fresh.next_token_logits(["Hi there"]),
+                                   rtol=0, atol=0)
+    with pytest.raises(AdapterError, match="trained on base model"):  # metadata still checked on a cached merge
+        load._load_merged(tiny_folder, str(_adapter(llm.tiny_lm(0), tmp_path / "other", base_model="x")), False)
+
+
+def test_dtype_and_threads_from_the_environment(monkeypatch):
+    from recllm.llm import load
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("RECLLM_DEVICE", "cpu")
+    try:
+        monkeypatch.setenv("RECLLM_THREADS", "1")
+        assert load._device_and_dtype() == ("cpu", torch.float32)  # the CPU default (see bench/bench_kernels.py)
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("RECLLM_DTYPE", "bf16")
+        assert load._device_and_dtype() == ("cpu", torch.bfloat16)
+        monkeypatch.setenv("RECLLM_DTYPE", "int4")
+        with pytest.raises(ModelError, match="RECLLM_DTYPE must be float32 or bfloat16"):
+            load._device_and_dtype()
+        monkeypatch.setenv("RECLLM_DTYPE", "float32")
+        monkeypatch.setenv("RECLLM_THREADS", "two")
+        with pytest.raises(ModelError, match="RECLLM_THREADS"):
+            load._device_and_dtype()
+        monkeypatch.setenv("RECLLM_THREADS", "auto")
+        torch.set_num_threads(2)
+        monkeypatch.setattr(load, "_busy", lambda: False)
+        load._device_and_dtype()
+        assert torch.get_num_threads() == 2  # an idle machine: torch's own setting stays
+        monkeypatch.setattr(load, "_busy", lambda: True)
+        load._device_and_dtype()
+        assert torch.get_num_threads() == 1  # every core busy: one thread
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_adapter_on_another_base_is_refused(tiny_lm, tiny_folder, tmp_path):
     folder = _adapter(llm.load_model(tiny_folder), tmp_path / "ada")
     with pytest.raises(AdapterError, match="trained on base model") as err:

@@ -16,7 +16,7 @@ from recllm.prompts import Prompt, join_and, load_prompt, load_sections, sanitiz
 REQUIRED = {
     "system": set(),
     "rank": {"history", "candidates"},
-    "explain": {"item", "liked", "shared"},
+    "explain": {"item", "liked", "shared", "era", "co", "meets"},
     "why": {"title", "rank", "shown", "n_candidates", "reason"},
     "why_not_recommended": {"title", "rank", "shown", "n_candidates"},
     "why_scores": {"llm_score", "retriever_score", "fused_score"},

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from recllm.errors import AdapterError, InputError
 from recllm.llm import LETTERS, LM
-from recllm.rank import DEFAULT_FUSION_WEIGHT, LLMRanker, RankConfig, fuse, ranking_trace, zscore
+from recllm.rank import (CALIBRATIONS, CONTENT_FREE, DEFAULT_FUSION_WEIGHT, LLMRanker, RankConfig, calibrate, fuse,
+                         ranking_trace, zscore)
 from recllm.retrieve import Candidate
 
 HISTORY = ["Toy Story (1995)", "Heat (1995)", "Sabrina (1995)", "GoldenEye (1995)", "Casino (1995)"]
@@ -173,6 +174,158 @@ def test_ranker_config_limits(tiny_lm):
     small = LLMRanker(tiny_lm, config=RankConfig(max_history=0, show_year=True))
     prompt = small.build_prompt(HISTORY, ["Heat (1995)"])
     assert "Toy Story" not in prompt and "(A) Heat (1995)" in prompt
+
+
+class BiasedScorer:
+    """A fake LetterScorer: letter i gets `bias[i]`, plus `lift` for the option titled "Good ..."; it reads the
+    options back from the prompt text, so content-free prompts ("N/A") get the bias alone."""
+
+    adapter_id = "fake"
+
+    def __init__(self, bias, lift=2.0, metadata=None):
+        self.bias, self.lift = np.asarray(bias, dtype=np.float64), lift
+        self.adapter_metadata = metadata or {}
+        self.prompts: list[str] = []
+
+    def chat_text(self, messages):
+        return "\n".join(m["content"] for m in messages)
+
+    def letter_token_ids(self, n=20, prefix="("):
+        return list(range(n))
+
+    def letter_scores(self, prompts, letter_ids, batch_size=8):
+        self.prompts.extend(prompts)
+        rows = []
+        for prompt in prompts:
+            row = self.bias[: len(letter_ids)].copy()
+            for line in prompt.splitlines():
+                if line[:1] == "(" and line[2:4] == ") " and line[4:].startswith("Good"):
+                    row[LETTERS.index(line[1])] += self.lift
+            rows.append(row)
+        return np.array(rows)
+
+    def describe(self):
+        return {"model": "fake", "adapter": self.adapter_id, "device": "cpu"}
+
+
+def planted_bias(seed=0):
+    bias = np.random.default_rng(seed).normal(0, 0.3, len(LETTERS))
+    bias[LETTERS.index("B")] += 6.0  # the shipped adapter's favourite letters, far above any content
+    bias[LETTERS.index("M")] += 5.0
+    return bias
+
+
+def winning_letters(ranker, trials=40, seed=1):
+    """Where the "Good" candidate sits and which letter wins, over random placements of it among 20."""
+    rng = np.random.default_rng(seed)
+    placed, won = [], []
+    for _ in range(trials):
+        at = int(rng.integers(20))
+        titles = [f"Good {i}" if i == at else f"Plain {i}" for i in range(20)]
+        scores = ranker.score([(HISTORY, titles)])[0]
+        placed.append(at)
+        won.append(int(np.argmax(scores)))
+    return placed, won
+
+
+def test_calibration_removes_a_planted_letter_bias():
+    fake = BiasedScorer(planted_bias())
+    placed, won = winning_letters(LLMRanker(fake))  # raw logits: the bias wins
+    assert set(won) <= {LETTERS.index("B"), LETTERS.index("M")} and won != placed
+    for mode in ("prior", "prior+reverse"):
+        ranker = LLMRanker(BiasedScorer(planted_bias()), config=RankConfig(calibration=mode))
+        placed, won = winning_letters(ranker)
+        assert won == placed, mode  # the content ("Good") wins wherever it is
+        np.testing.assert_allclose(ranker.prior(), calibrate(planted_bias()), atol=1e-12)
+    # reversing alone halves a bias but cannot remove one this strong
+    placed, won = winning_letters(LLMRanker(BiasedScorer(planted_bias()), config=RankConfig(calibration="reverse")))
+    assert won != placed
+
+
+def test_prior_is_measured_once_on_content_free_prompts():
+    fake = BiasedScorer(planted_bias())
+    ranker = LLMRanker(fake, config=RankConfig(calibration="prior", max_history=6))
+    assert ranker.letter_prior is None
+    ranker.score([(HISTORY, ["Good 1", "Plain 2"])])
+    ranker.score([(HISTORY, ["Plain 1", "Good 2", "Plain 3"])])
+    free = [p for p in fake.prompts if "Plain" not in p and "Good" not in p]
+    assert len(free) == 2 and all(p.count(CONTENT_FREE) in (20 + 3, 20 + 6) for p in free)
+    assert len(fake.prompts) == 4  # 2 prior prompts, once, and one per request
+
+
+def test_prior_from_random_catalog_titles():
+    fake = BiasedScorer(planted_bias())
+    ranker = LLMRanker(fake, config=RankConfig(calibration="prior", max_history=4))
+    titles = [f"Plain {i}" for i in range(30)] + ["Good one"]
+    prompts = ranker.content_free_prompts(titles, n=6)
+    assert prompts == ranker.content_free_prompts(titles, n=6) and len(set(prompts)) == 6  # fixed draws
+    assert all(sum(line[2:4] == ") " for line in p.splitlines()) == 20 and "N/A" not in p for p in prompts)
+    # "Good one" lands on random letters: the measured prior is the bias plus a little noise, not the bias alone
+    prior = ranker.measure_letter_prior(titles)
+    assert np.argmax(prior) == LETTERS.index("B") and np.abs(prior - calibrate(planted_bias())).max() < 0.5
+    with pytest.raises(InputError, match="at least 20 titles"):
+        ranker.content_free_prompts(titles[:5])
+    # real requests, candidates shuffled: the "Good" item visits every letter, so the prior is the bias again
+    requests = [(HISTORY, ["Good"] + [f"Plain {i}" for i in range(19)])] * 40 + [(HISTORY, ["Good", "Plain"])]
+    prior = ranker.measure_letter_prior(requests=requests)
+    assert np.argmax(prior) == LETTERS.index("B") and np.abs(prior - calibrate(planted_bias())).max() < 0.6
+    with pytest.raises(InputError, match="requests with 20 candidates"):
+        ranker.measure_letter_prior(requests=requests[-1:])
+
+
+def test_calibration_round_trips_through_adapter_metadata(tiny_lm):
+    from recllm.prompts import load_prompt
+
+    cfg = RankConfig(max_history=3, calibration="prior+reverse")
+    assert cfg.to_dict()["calibration"] == "prior+reverse"
+    prior = planted_bias().tolist()
+    meta = {"prompt": {"name": "rank", "sha256": load_prompt("rank").sha256}, "fusion_weight": 0.4,
+            "rank_config": cfg.to_dict(), "letter_prior": prior}
+    fake = BiasedScorer(np.zeros(20), metadata=meta)
+    ranker = LLMRanker(fake)
+    assert ranker.config.calibration == "prior+reverse" and ranker.config.max_history == 3
+    assert ranker.describe()["rank_config"]["calibration"] == "prior+reverse"
+    np.testing.assert_allclose(ranker.prior(), prior)
+    scores = ranker.score([(HISTORY, ["Good 1", "Plain 2", "Plain 3"])])[0]
+    assert len(fake.prompts) == 2  # forward and reversed; the stored prior is not measured again
+    np.testing.assert_allclose(scores, calibrate(*fake.letter_scores(fake.prompts[:2], range(3)), prior))
+    old = {k: v for k, v in meta.items() if k != "letter_prior"}
+    old["rank_config"] = {"max_history": 3}  # an adapter from before calibration keeps raw logits
+    assert LLMRanker(BiasedScorer(np.zeros(20), metadata=old)).config.calibration == "none"
+    for bad in ([1.0, float("nan")], [[1.0]], [0.0] * 21):
+        with pytest.raises(AdapterError, match="letter_prior"):
+            LLMRanker(BiasedScorer(np.zeros(20), metadata={**meta, "letter_prior": bad}))
+    with pytest.raises(InputError, match="calibration must be one of"):
+        LLMRanker(tiny_lm, config=RankConfig(calibration="both"))
+    tuned = LM(tiny_lm.model, tiny_lm.tokenizer, tiny_lm.model_id, adapter_id="a", adapter_metadata=meta)
+    assert LLMRanker(tuned).config.calibration == "prior+reverse"
+
+
+def test_calibrate_maps_the_reversed_pass_back():
+    fwd, rev = np.log([0.5, 0.3, 0.2]), np.log([0.6, 0.3, 0.1])  # rev: letter A = the last candidate
+    np.testing.assert_allclose(calibrate(fwd), fwd)
+    np.testing.assert_allclose(calibrate(fwd, rev), (fwd + rev[::-1]) / 2)
+    prior = np.log([0.7, 0.2, 0.1, 0.9])
+    np.testing.assert_allclose(calibrate(fwd, rev, prior), (fwd - prior[:3] + (rev - prior[:3])[::-1]) / 2)
+    np.testing.assert_allclose(calibrate(fwd + 7.0), fwd)  # logits and log-probabilities agree
+    with pytest.raises(InputError, match="letter prior has 2 letters"):
+        calibrate(fwd, prior=[0.0, 0.0])
+
+
+@pytest.mark.parametrize("mode", [m for m in CALIBRATIONS if m != "none"])
+def test_calibrated_ranking_keeps_the_candidate_guarantees(tiny_lm, mode):
+    ranker = LLMRanker(tiny_lm, config=RankConfig(calibration=mode))
+    requests = [(HISTORY, candidates(25)), (HISTORY[:1], candidates(3, 7)), ([], candidates(1, 2)), (HISTORY, [])]
+    together = ranker.rank_many(requests, fusion_weight=1.0)
+    for (history, cands), ranked in zip(requests, together):
+        ids = [r.candidate.item_id for r in ranked]
+        assert len(ids) == len(set(ids)) == min(len(cands), 20)
+        assert set(ids) == {c.item_id for c in cands[:20]}
+        assert all(np.isfinite(r.llm_score) for r in ranked)
+        single = ranker.rank(history, cands, fusion_weight=1.0)
+        np.testing.assert_allclose([r.llm_score for r in single], [r.llm_score for r in ranked], atol=1e-4)
+    assert [r.candidate.item_id for r in ranker.rank(HISTORY, candidates(10), fusion_weight=0.0)] == \
+        [c.item_id for c in candidates(10)]
 
 
 @pytest.mark.slow

@@ -80,6 +80,15 @@ def test_llm_url_flag_and_environment(monkeypatch):
     assert EngineOptions.from_args(parser.parse_args([])).llm_url is None
 
 
+def test_eval_with_llm_url_asks_the_server(capsys):
+    from recllm.cli import main
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there: the error shows the server was asked
+    assert main(["eval", "--ranker", "llm", "--llm-url", url, "--systems", "popularity"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert f"Cannot reach the LLM server at {url}" in err and len(err.splitlines()) == 1
+
+
 # ------------------------------------------------------------------------------ a real vLLM server
 
 
@@ -175,7 +184,9 @@ def test_remote_explanations_are_validated_and_why_answers(backends, chat_home):
     assert all(r is not None and r.text and r.source in ("llm", "fallback") for r in reasons)
     assert all(r.meta.get("llm_url") == remote_lm.url for r in reasons)
     assert all(r.explanation for r in result.recommendations[:3])
-    assert result.recommendations[0].explanation in rec.why("#1", result)
+    answer, top = rec.why("#1", result), result.recommendations[0]  # from the trace: evidence, not the model's text
+    evidence = top.reason.evidence
+    assert answer.startswith(top.title) and any(t in answer for t in (*evidence.titles, *evidence.shared))
     pieces = list(remote_lm.stream_many(["The capital of France is", "My favourite film is"], 8, stop=("\n",)))
     assert sorted(row for row, p in pieces if p is None) == [0, 1]
     texts = ["".join(p for row, p in pieces if row == n and p) for n in (0, 1)]

@@ -10,7 +10,7 @@ One turn:
     parser.parse(message) -> Parsed         what the message asks (pure, no state change; `chat.parse`)
     the session applies it                  history / dislikes / constraints / exclusions updated
     engine.recommend(Request, explain=0)    the ranked list, shown at once
-    engine.explain_stream(result, rank)     reasons of the top `explain` items, streamed
+    engine.explain_many([(result, rank)])  reasons of the top `explain` items, streamed together
 Every reply sentence comes from `prompts/chat_replies.txt` (`chat.replies.say`). Errors the engine raises
 (`RecllmError`) become a short reply; a message nothing can be made of gets a clarifying reply.
 """
@@ -18,6 +18,7 @@ Every reply sentence comes from `prompts/chat_replies.txt` (`chat.replies.say`).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -38,6 +39,10 @@ from recllm.request import DEFAULT_EXPLAIN, Engine, Request, Result
 from recllm.titles import title_spotter
 
 log = logging.getLogger(__name__)
+
+# a message that asks for something to watch without saying what ("what should I watch?", "any suggestions?")
+ASK_RE = re.compile(r"\b(?:recommend\w*|suggest\w*|ideas?|watch|movies?|films?|something|anything|"
+                    r"what(?:'s|\s+is)\s+good|looking\s+for|in\s+the\s+mood)\b", re.IGNORECASE)
 
 
 @dataclass
@@ -208,6 +213,8 @@ class ChatSession:
         if intent == "act" and (parsed.query_only or not parsed.actionable):
             min_sim = INTENT_MIN_SIM if parsed.actionable else INTENT_MIN_SIM_UNCLEAR
             intent = self._embedded_intent(text, min_sim) or ("act" if parsed.actionable else "clarify")
+            if intent == "clarify" and not (self.user or self.liked or self.query) and ASK_RE.search(text):
+                intent = "act"  # "what should I watch?" before anything is known: popular picks (`_apply`)
         if intent == "none" or intent == "clarify":
             return _Plan(reply=self._reply(say("clarify"), "clarify"))
         if intent == "reset":
@@ -303,8 +310,12 @@ class ChatSession:
             # the message, become the ask (never words of an exclusion: "no horror" would find horror)
             self.query = " ".join(self.constraints.genres) or parsed.text
         if not (self.user or self.liked or self.query):
-            acks.append(say("need_basis"))
-            return _Plan(reply=self._reply(" ".join(acks), "clarify"))
+            if not (ASK_RE.search(parsed.text) and getattr(self.recommender, "popularity", None)):
+                acks.append(say("need_basis"))
+                return _Plan(reply=self._reply(" ".join(acks), "clarify"))
+            # asked for something with no usable title and no ask ("what should I watch?"): the engine answers
+            # with the most popular items inside the constraints; the reply says why
+            acks.append(say("ack_popular"))
         return _Plan(acks=acks, recommend=True)
 
     def _resolve_ref(self, ref: Ref) -> str | Reply:
@@ -355,6 +366,10 @@ class ChatSession:
     # -- answers -------------------------------------------------------------------------------------
 
     def _why(self, ref: Ref | None) -> Reply:
+        """Answer "why (not) X?" (`Recommender.why`; "details"/"scores" in the message add the raw scores)."""
+        from recllm.refs import WHY_NOT_RE
+        from recllm.why import asks_details, exclusion
+
         if self.result is None and not self._results:
             return self._reply(say("nothing_shown"), "clarify")
         if ref is None:
@@ -362,9 +377,17 @@ class ChatSession:
         item_id = self._resolve_ref(ref)
         if isinstance(item_id, Reply):
             return item_id
-        result = self._results.get(item_id, self.result)
+        if item_id in set(self.disliked) | set(self.rejected) | set(self.passed):  # the person removed it since
+            self.focus = item_id
+            return self._reply(exclusion(item_id, self.catalog.get(item_id).label, self.request().filters), "why")
+        message = self.messages[-1]["content"] if self.messages else ""
+        asked_not = WHY_NOT_RE.search(message)
+        if asked_not and self.result is not None and item_id not in {c.item_id for c in self.shown}:
+            result = self.result  # "why not X?" about an item off the list now: the reason it is off
+        else:
+            result = self._results.get(item_id, self.result)  # "why X?": from the turn that showed it
         try:
-            text = self.recommender.why(f"{ID_PREFIX}{item_id}", result)
+            text = self.recommender.why(f"{ID_PREFIX}{item_id}", result, details=asks_details(message))
         except RecllmError as exc:
             return self._reply(say("error", message=str(exc)), "error")
         self.focus = item_id
@@ -393,9 +416,11 @@ class ChatSession:
 
     def request(self) -> Request:
         """The engine `Request` this session would send now."""
-        exclude = set(self.disliked) | set(self.rejected) | set(self.passed)
+        reasons = {i: why for why, ids in (("passed", self.passed), ("rejected", self.rejected),
+                                           ("disliked", self.disliked)) for i in ids}  # the last reason wins
+        filters = replace(self.constraints.filters(reasons), exclude_reasons=reasons)  # for "why not X?"
         return Request(user=self.user, history=list(self.liked), query=self.query, k=self.k,
-                       filters=self.constraints.filters(exclude), explain=0)
+                       filters=filters, explain=0)
 
     def _recommend_stream(self, acks: list[str]) -> Iterator[Reply]:
         """Ask the engine, show the list at once, then stream the reasons of its top `explain` items. Every
@@ -414,31 +439,43 @@ class ChatSession:
             yield self._say(reply)
             return
         yield reply
-        for card in reply.items[: self.explain]:
-            if card.reason:
-                continue
-            rank = turn.ranks[card.item_id]
-            try:
-                for piece in self.recommender.explain_stream(result, rank):
-                    with self._lock:
-                        shown = self._turn_card(turn, card.item_id)
-                        if shown is None:  # dropped by a thumb, or the session moved on: no more of it
-                            break
-                        # a piece starting with a newline replaces the draft (the engine's grounded fallback)
-                        shown.reason = piece.strip() if piece.startswith("\n") else shown.reason + piece
-                        reply = self._turn_reply(turn, done=False)
-                    yield reply
-            except RecllmError:
-                pass
-            with self._lock:
-                shown = self._turn_card(turn, card.item_id)
-                if shown is not None:
-                    final = result.recommendations[rank - 1].explanation if rank <= len(result.recommendations) else ""
-                    shown.reason = (final or shown.reason).strip()
+        cards = [card for card in reply.items[: self.explain] if not card.reason]
+        if cards:
+            yield from self._stream_reasons(turn, cards)
         with self._lock:
             reply = self._turn_reply(turn, done=True)
             self._remember({"kind": "message", "role": "assistant", "content": reply.text})
         yield reply
+
+    def _stream_reasons(self, turn: _Turn, cards: list[Card]) -> Iterator[Reply]:
+        """The reasons of `cards`, decoded together in one `engine.explain_many` call; a reply per piece. A
+        dropped card gets no more pieces; once none of them is shown (or the session moved on) generation stops."""
+        result = turn.result
+        asks = [(result, turn.ranks[card.item_id]) for card in cards]
+        pieces = None
+        try:
+            pieces = self.recommender.explain_many(asks)
+            for i, piece in pieces:
+                with self._lock:
+                    if all(self._turn_card(turn, card.item_id) is None for card in cards):
+                        break  # every card dropped by thumbs, or the session moved on: no more of them
+                    shown = self._turn_card(turn, cards[i].item_id)
+                    if shown is None:
+                        continue
+                    # a piece starting with a newline replaces the draft (the engine's grounded fallback)
+                    shown.reason = piece.strip() if piece.startswith("\n") else shown.reason + piece
+                    reply = self._turn_reply(turn, done=False)
+                yield reply
+        except RecllmError:
+            pass
+        finally:
+            getattr(pieces, "close", lambda: None)()  # no more tokens are computed for this turn
+        with self._lock:
+            for card, (_, rank) in zip(cards, asks):
+                shown = self._turn_card(turn, card.item_id)
+                if shown is not None:
+                    final = result.recommendations[rank - 1].explanation if rank <= len(result.recommendations) else ""
+                    shown.reason = (final or shown.reason).strip()
 
     def _show(self, result: Result, acks: list[str]) -> _Turn | None:
         """Make `result` the list shown (under the lock); None when it holds nothing to show."""

@@ -1,6 +1,7 @@
-"""LoRA training of the verbalizer ranker with transformers' Trainer (used by `recllm.train`): fresh LoRA
-layers (`add_lora`), the letter loss and training loop (`train_letter_lora`), and Trainer checkpoints that are
-complete or skipped (`checkpoint_complete`, `last_complete_checkpoint`)."""
+"""LoRA training with transformers' Trainer (used by `recllm.train`): fresh LoRA layers (`add_lora`), the
+training loop of the two tasks one adapter learns (`train_letter_lora`: the verbalizer ranker's letter loss and
+the explanation writer's next-token loss), and Trainer checkpoints that are complete or skipped
+(`checkpoint_complete`, `last_complete_checkpoint`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import copy
 import json
 import logging
 import math
+import random
 import re
 import shutil
 import warnings
@@ -88,14 +90,20 @@ def train_letter_lora(lm: LM, examples: Sequence[tuple[str, int, int]], *, lette
                       layers: int | None = None, batch_size: int = 4, lr: float = 1e-3, epochs: float = 1.0,
                       max_steps: int = -1, warmup_steps: int = 0, eval_steps: int = 25, save_steps: int = 25,
                       logging_steps: int = 5, seed: int = 0, resume: bool = False, finish: bool = False,
-                      progress: bool = True,
-                      threads: int | None = None) -> tuple[LM, dict]:
-    """LoRA-tune `lm` as a verbalizer ranker with transformers' Trainer; returns (trained LM, run info).
+                      progress: bool = True, threads: int | None = None,
+                      text_examples: Sequence[tuple[str, str]] = (), init_adapter: str | Path | None = None,
+                      keep_best: bool = True) -> tuple[LM, dict]:
+    """LoRA-tune `lm` with transformers' Trainer; returns (trained LM, run info).
 
-    examples: `(prompt, target index, number of candidates)`; the loss is the cross-entropy over the first
-      `n` candidate-letter logits (`letter_ids`) at the prompt's last position (the answer slot).
-    evaluate: `fn(LM) -> {"ndcg10": float, ...}`, called at every evaluation step (the best step by
-      `ndcg10` is loaded at the end); None evaluates nothing and keeps the last step.
+    examples: ranking examples `(prompt, target index, number of candidates)`; the loss is the cross-entropy
+      over the first `n` candidate-letter logits (`letter_ids`) at the prompt's last position (the answer slot).
+    text_examples: explanation examples `(prompt, completion)`; the loss is the next-token cross-entropy of the
+      completion and the end-of-sequence token (the prompt is not learned). Each optimizer step trains on
+      `batch_size` examples of one task; the steps of both tasks are shuffled together.
+    init_adapter: an adapter folder whose weights the LoRA layers start from (same r / alpha / modules), e.g.
+      the shipped ranking adapter when teaching it a second task.
+    evaluate: `fn(LM) -> {"ndcg10": float, ...}`, called at every evaluation step (with `keep_best`, the best
+      step by `ndcg10` is loaded at the end); None evaluates nothing and keeps the last step.
     layers: LoRA on the top `layers` decoder layers only (None: all): back-propagation then stops there,
       which roughly halves a CPU step.
     Checkpoints (adapter + optimizer + RNG state) go to `output_dir/checkpoint-<step>` every `save_steps`;
@@ -114,31 +122,56 @@ def train_letter_lora(lm: LM, examples: Sequence[tuple[str, int, int]], *, lette
     if resume and last is None:
         raise AdapterError(f"Nothing to resume: no checkpoint under {output_dir}")
     model = add_lora(lm, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, layers=layers).model
+    if init_adapter is not None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        found = set_peft_model_state_dict(model, load_file(str(Path(init_adapter) / ADAPTER_WEIGHTS)))
+        if getattr(found, "unexpected_keys", None):
+            raise AdapterError(f"{init_adapter} does not fit these LoRA settings (r={r}, modules={list(target_modules)})")
     to_transform = model.peft_config["default"].layers_to_transform
     tokenizer = lm.tokenizer
     add_special = not lm.has_chat_template
     letters = torch.tensor(list(letter_ids), dtype=torch.long)
+    end_id = tokenizer.eos_token_id
 
-    class _Examples(torch.utils.data.Dataset):
-        def __init__(self, rows):
-            self.rows = list(rows)
+    class _Batches(torch.utils.data.Dataset):
+        """Pre-made batches of one task each (the Trainer's batch size is 1 batch)."""
+
+        def __init__(self, rows, size):
+            order = list(range(len(rows)))
+            random.Random(seed).shuffle(order)
+            by_kind = {kind: [rows[i] for i in order if isinstance(rows[i][1], str) == kind] for kind in (False, True)}
+            self.batches = [rows_[i:i + size] for rows_ in by_kind.values() for i in range(0, len(rows_), size)]
+            random.Random(seed + 1).shuffle(self.batches)
 
         def __len__(self):
-            return len(self.rows)
+            return len(self.batches)
 
         def __getitem__(self, i):
-            prompt, target, n = self.rows[i]
-            return {"prompt": prompt, "labels": int(target), "n": int(n)}
+            return self.batches[i]
 
-    def collate(batch: list[dict]) -> dict:
+    def collate(batches: list[list[tuple]]) -> dict:
+        (batch,) = batches
+        if isinstance(batch[0][1], str):  # explanation rows: prompt + completion + end, loss on the completion
+            rows, masks = [], []
+            for prompt, completion in batch:
+                head = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+                tail = tokenizer(completion, add_special_tokens=False)["input_ids"] + [end_id]
+                rows.append(head + tail)
+                masks.append([-100] * len(head) + tail)
+            width = max(map(len, rows))
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
+            return {"input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+                    "labels": torch.tensor([m + [-100] * (width - len(m)) for m in masks])}
         # Right-padded with no attention mask, exactly as the ranker scores (`LM.encode`): the answer slot of a
         # row is its own last token, positions run 0..len-1, and fused causal attention runs (~1.5x faster a
-        # step than left padding with a mask on CPU).
-        enc = tokenizer([b["prompt"] for b in batch], padding=True, padding_side="right", return_tensors="pt",
+        # step than left padding with a mask on CPU). Pads after a row's end never reach its loss.
+        enc = tokenizer([p for p, _, _ in batch], padding=True, padding_side="right", return_tensors="pt",
                         add_special_tokens=add_special)
-        n = torch.tensor([b["n"] for b in batch])
+        n = torch.tensor([k for _, _, k in batch])
         return {"input_ids": enc["input_ids"], "last": enc["attention_mask"].sum(-1) - 1,
-                "labels": torch.tensor([b["labels"] for b in batch]),
+                "labels": torch.tensor([t for _, t, _ in batch]),
                 "letter_mask": torch.arange(len(letters))[None, :] < n[:, None]}  # (B, 20)
 
     class LetterTrainer(Trainer):
@@ -148,6 +181,12 @@ def train_letter_lora(lm: LM, examples: Sequence[tuple[str, int, int]], *, lette
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels")
+            if "last" not in inputs:  # explanation rows: next-token loss on the completion
+                out = model(input_ids=inputs["input_ids"], use_cache=False)
+                logits = out.logits[:, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                         labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+                return (loss, out) if return_outputs else loss
             letter_mask = inputs.pop("letter_mask")
             last = inputs.pop("last").to(inputs["input_ids"].device)
             keep = torch.unique(last)  # the positions whose logits are needed, as in `next_token_logits`
@@ -173,20 +212,21 @@ def train_letter_lora(lm: LM, examples: Sequence[tuple[str, int, int]], *, lette
     use_cuda = lm.device.type == "cuda"
     do_eval = evaluate is not None
     args = TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=batch_size, learning_rate=lr,
+        output_dir=str(output_dir), per_device_train_batch_size=1, learning_rate=lr,
         num_train_epochs=epochs, max_steps=max_steps, warmup_steps=warmup_steps, lr_scheduler_type="linear",
         logging_steps=logging_steps, eval_strategy="steps" if do_eval else "no", eval_steps=eval_steps,
-        save_strategy="steps", save_steps=save_steps, save_total_limit=3, load_best_model_at_end=do_eval,
-        metric_for_best_model="ndcg10" if do_eval else None, greater_is_better=True, seed=seed, data_seed=seed,
+        save_strategy="steps", save_steps=save_steps, save_total_limit=3,
+        load_best_model_at_end=do_eval and keep_best, metric_for_best_model="ndcg10" if do_eval else None,
+        greater_is_better=True, seed=seed, data_seed=seed,
         remove_unused_columns=False, label_names=["labels"], report_to=[], use_cpu=not use_cuda,
         bf16=use_cuda and torch.cuda.is_bf16_supported(), dataloader_num_workers=0, disable_tqdm=not progress,
         weight_decay=0.0,
     )
-    dataset = _Examples(examples)
+    dataset = _Batches(list(examples) + list(text_examples), batch_size)
     trainer = LetterTrainer(model=model, args=args, train_dataset=dataset,
-                            eval_dataset=_Examples(list(examples)[:1]) if do_eval else None,
+                            eval_dataset=torch.utils.data.Subset(dataset, [0]) if do_eval else None,
                             data_collator=collate)
-    total_steps = max_steps if max_steps > 0 else math.ceil(epochs * math.ceil(len(dataset) / batch_size))
+    total_steps = max_steps if max_steps > 0 else math.ceil(epochs * len(dataset))
     if last and (finish or json.loads((Path(last) / CHECKPOINT_STATE).read_text())["global_step"] >= total_steps):
         # The run had finished before it was stopped (e.g. while scoring or saving the adapter), or `finish`
         # ends it early. Trainer would still train (one step past the end when finished), so take the run's
@@ -196,7 +236,7 @@ def train_letter_lora(lm: LM, examples: Sequence[tuple[str, int, int]], *, lette
         from transformers import TrainerState
 
         trainer.state = TrainerState.load_from_json(str(Path(last) / CHECKPOINT_STATE))
-        best = Path(trainer.state.best_model_checkpoint or last)
+        best = Path((trainer.state.best_model_checkpoint if keep_best else None) or last)
         if not checkpoint_complete(best):
             best = Path(last)
         set_peft_model_state_dict(model, load_file(str(best / ADAPTER_WEIGHTS)))
