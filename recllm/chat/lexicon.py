@@ -83,6 +83,9 @@ RESET_RE = re.compile(
     r"new\s+(?:session|conversation|chat)|begin\s+again|wipe\s+(?:everything|it\s+all|the\s+slate))\b",
     re.IGNORECASE,
 )
+# a message that asks for something to watch without saying what ("what should I watch?", "any suggestions?")
+ASK_RE = re.compile(r"\b(?:recommend\w*|suggest\w*|ideas?|watch|movies?|films?|something|anything|"
+                    r"what(?:'s|\s+is)\s+good|looking\s+for|in\s+the\s+mood)\b", re.IGNORECASE)
 PROFILE_RE = re.compile(
     r"\bwhat\s+(?:do|did|else\s+do)\s+you\s+(?:know|remember|think\s+you\s+know|have)\s+(?:about|on)\s+me\b|"
     r"\bwhat\s+(?:have|did)\s+i\s+(?:told|tell|said|say)\b|\bwhat\s+do\s+i\s+like\b|\bmy\s+(?:profile|taste|preferences)\b|"

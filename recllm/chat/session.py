@@ -18,7 +18,6 @@ Every reply sentence comes from `prompts/chat_replies.txt` (`chat.replies.say`).
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -27,7 +26,7 @@ from recllm.catalog import Catalog, clean_text
 from recllm.chat.constraints import Constraints
 from recllm.chat.intents import intent_index
 from recllm.chat.lexicon import (
-    DEFAULT_K, INTENT_MIN_SIM, INTENT_MIN_SIM_UNCLEAR, KEEP_MESSAGES, KEEP_RESULTS, PROFILE_TITLES,
+    ASK_RE, DEFAULT_K, INTENT_MIN_SIM, INTENT_MIN_SIM_UNCLEAR, KEEP_MESSAGES, KEEP_RESULTS, PROFILE_TITLES,
 )
 from recllm.chat.parse import MessageParser, Parsed, add_new
 from recllm.chat.replies import Card, Reply, render_list, say
@@ -39,10 +38,6 @@ from recllm.request import DEFAULT_EXPLAIN, Engine, Request, Result
 from recllm.titles import title_spotter
 
 log = logging.getLogger(__name__)
-
-# a message that asks for something to watch without saying what ("what should I watch?", "any suggestions?")
-ASK_RE = re.compile(r"\b(?:recommend\w*|suggest\w*|ideas?|watch|movies?|films?|something|anything|"
-                    r"what(?:'s|\s+is)\s+good|looking\s+for|in\s+the\s+mood)\b", re.IGNORECASE)
 
 
 @dataclass
