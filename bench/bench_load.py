@@ -36,6 +36,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Terminate a child process; kill it when it has not ended after `timeout` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of `pid` and its children (MB), from /proc."""
     total = 0
@@ -141,11 +150,7 @@ def main(argv=None) -> int:
         wall = time.monotonic() - t
         rss_end = rss_mb(server.pid)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
 
     errors = {n: o["error"] for n, o in outcomes.items() if "error" in o}
     crosstalk = {n: o["other_titles"] for n, o in outcomes.items() if o.get("other_titles")}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,18 +20,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench_load import free_port, stop  # noqa: E402 - bench/ is on sys.path when this script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 ASK = "I loved Heat and Toy Story"
 QUESTION = "why #1?"
 EXPLAINED = 3  # cards that get a streamed reason (the app's default)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_app(port: int, app_args: list[str], log_path: Path, timeout: float) -> subprocess.Popen:
@@ -116,11 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         answer = converse(f"http://127.0.0.1:{port}/", args.out, int(args.timeout * 1000))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, timeout=20)
     print(f"saved {args.out} ({args.out.stat().st_size} bytes) in {time.perf_counter() - started:.0f} s")
     print(f"why answer: {answer}")
     return 0

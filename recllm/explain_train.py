@@ -13,13 +13,16 @@ the evidence, in varied words.
 from __future__ import annotations
 
 import random
+import sys
+import time
 from collections.abc import Sequence
 
 import numpy as np
 
 from recllm import split
 from recllm.explain import Evidence, Explainer, constraints_met, evidence
-from recllm.prompts import join_and, load_sections, sanitize
+from recllm.errors import InputError
+from recllm.prompts import join_and, load_prompt, load_sections, sanitize
 from recllm.retrieve import Filters
 
 CONSTRAINT_SHARE = 0.25  # examples whose prompt carries a constraint the item meets
@@ -94,3 +97,27 @@ def _asked(item, rng: random.Random) -> Sequence[str]:
         return ()
     bound = item.year + rng.randint(0, 5) if rng.random() < 0.5 else None
     return constraints_met(item, Filters(year_max=bound) if bound else Filters(year_min=item.year - rng.randint(0, 5)))
+
+
+def examples_for_training(data: split.EvalData, catalog, interactions, lm, cfg, progress: bool = True,
+                          ) -> tuple[list[tuple[str, str]], dict]:
+    """The explanation examples of a `recllm train` run (`train.TrainConfig`: explain_examples,
+    explain_cuts_per_user, min_history, seed) for `lm`, with their counts; InputError when there are none."""
+    t = time.monotonic()
+    vectors = split.content_matrix(data, catalog, interactions, progress=progress)
+    examples, stats = build_explain_examples(
+        data, catalog, train_side_interactions(interactions, data), vectors, Explainer(lm),
+        n=cfg.explain_examples, cuts_per_user=cfg.explain_cuts_per_user, min_history=cfg.min_history, seed=cfg.seed)
+    if not examples:
+        raise InputError("No explanation examples: no train-split item had a similar liked item to name")
+    stats["build_seconds"] = round(time.monotonic() - t, 1)
+    print(f"recllm: {len(examples)} explanation examples", file=sys.stderr)
+    return examples, stats
+
+
+def explain_metadata(stats: dict) -> dict:
+    """What the adapter metadata records about the explanation task (the prompt it was taught with)."""
+    prompt = load_prompt("explain")
+    return {"prompt": {"name": prompt.name, "sha256": prompt.sha256}, "examples": stats,
+            "targets": "prompts/explain_targets.txt phrasings filled with each example's evidence (train split)",
+            "loss": "next-token cross-entropy on the completion"}

@@ -290,6 +290,7 @@ def train(catalog=None, interactions=None, *, model=None, out: str | Path | None
     default: mark the adapter as the default one for its base model (engine loads it automatically).
     """
     from recllm import llm
+    from recllm.explain_train import explain_metadata
     from recllm.rank import LLMRanker, RankConfig
 
     cfg = config or TrainConfig()
@@ -329,7 +330,9 @@ def train(catalog=None, interactions=None, *, model=None, out: str | Path | None
 
     text_examples, explain_stats = [], None
     if cfg.explain_examples:
-        text_examples, explain_stats = _explain_examples(data, catalog, interactions, base, cfg, progress)
+        from recllm.explain_train import examples_for_training
+
+        text_examples, explain_stats = examples_for_training(data, catalog, interactions, base, cfg, progress)
 
     valid_ranking = evaluate.rank_all(score_fn, data, "valid")
 
@@ -402,7 +405,7 @@ def train(catalog=None, interactions=None, *, model=None, out: str | Path | None
                          "lora_layer_indices": info["lora"]["layers"],
                          "loss": "cross-entropy over candidate-letter logits"},
         tasks=["rank", "explain"] if text_examples else ["rank"],
-        explain=_explain_meta(explain_stats) if text_examples else None,
+        explain=explain_metadata(explain_stats) if text_examples else None,
         metrics={**result_metrics, "eval_history": evals, "best_step_valid_ndcg10": info["best_metric"]},
         training={"global_step": info["global_step"], "best_checkpoint": info["best_checkpoint"],
                   "train_wall_s": round(train_wall, 1), "eval_during_training_s": round(eval_seconds, 1),
@@ -414,32 +417,6 @@ def train(catalog=None, interactions=None, *, model=None, out: str | Path | None
     )
     folder = llm.save_adapter(tuned, out, **meta)
     return folder
-
-
-def _explain_examples(data, catalog, interactions, base, cfg: TrainConfig, progress: bool):
-    """Explanation examples from the train split (`explain_train`), with their counts."""
-    from recllm.explain import Explainer
-    from recllm.explain_train import build_explain_examples, train_side_interactions
-
-    t = time.monotonic()
-    vectors = split.content_matrix(data, catalog, interactions, progress=progress)
-    examples, stats = build_explain_examples(
-        data, catalog, train_side_interactions(interactions, data), vectors, Explainer(base),
-        n=cfg.explain_examples, cuts_per_user=cfg.explain_cuts_per_user, min_history=cfg.min_history, seed=cfg.seed)
-    if not examples:
-        raise InputError("No explanation examples: no train-split item had a similar liked item to name")
-    stats["build_seconds"] = round(time.monotonic() - t, 1)
-    print(f"recllm: {len(examples)} explanation examples", file=sys.stderr)
-    return examples, stats
-
-
-def _explain_meta(stats: dict) -> dict:
-    from recllm.prompts import load_prompt
-
-    prompt = load_prompt("explain")
-    return {"prompt": {"name": prompt.name, "sha256": prompt.sha256}, "examples": stats,
-            "targets": "prompts/explain_targets.txt phrasings filled with each example's evidence (train split)",
-            "loss": "next-token cross-entropy on the completion"}
 
 
 def _init_adapter(value: str) -> Path | None:

@@ -13,12 +13,11 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, wait_until_up
 from test_server import _env, chroma_url, indexed  # noqa: F401 - the Chroma server fixtures
 
 pytestmark = pytest.mark.server
@@ -55,16 +54,9 @@ def replicas(indexed, small_catalog_files, tmp_path_factory):
                 env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
             urls.append(f"http://127.0.0.1:{port}/")
             logs.append((home / "app.log", log))
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 300  # for all replicas together
         for proc, app_url, (log_path, _) in zip(procs, urls, logs):
-            while True:
-                try:
-                    with urllib.request.urlopen(app_url, timeout=2):
-                        break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"replica did not start: {log_path.read_text()[-3000:]}") from None
-                    time.sleep(0.5)
+            wait_until_up(app_url, proc, log_path, timeout=max(1.0, deadline - time.monotonic()), name="replica")
         yield urls, shared, homes
     finally:
         for proc in procs:
