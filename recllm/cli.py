@@ -519,6 +519,10 @@ def add_eval_conversations(sub) -> None:
                         help="k-core of the --fit-retriever split (default 1: every movie; users need 3 mentions)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the tune / held-out split (default 0)")
     parser.add_argument("--limit", type=int, help="only the first N dialogues (a quick check)")
+    parser.add_argument("--llm", metavar="ADAPTER", help="also let the LLM re-rank the top 20 of all knowledge "
+                        "(reading the conversation): an adapter name or folder, or 'base' for the untuned model")
+    parser.add_argument("--llm-users", type=positive_int, metavar="N", help="with --llm: score only N dialogues "
+                        "of each half (a fixed sample; faster)")
     parser.add_argument("--out", metavar="DIR", help="write report.json and report.md here")
     add_output_args(parser)
     parser.set_defaults(func=run_eval_conversations)
@@ -531,10 +535,19 @@ def run_eval_conversations(args) -> int:
     from recllm.report import command_line
 
     movies = args.movies or Path(args.dialogues).with_name("movies.csv")
+    ranker = None
+    if args.llm:  # loaded first: a bad adapter fails before the long evaluation
+        from recllm import llm
+        from recllm.rank import LLMRanker
+
+        ranker = LLMRanker(llm.load_model(None, None if args.llm == "base" else args.llm))
+    elif args.llm_users:
+        raise InputError("--llm-users needs --llm")
     report = conversation_eval.evaluate(args.dialogues, movies, link_to=args.link,
                                         link_interactions=args.link_interactions, seed=args.seed,
                                         cross_fit=args.cross_fit, progress=not args.quiet, limit=args.limit,
-                                        fit_retriever=args.fit_retriever, min_count=args.min_count)
+                                        fit_retriever=args.fit_retriever, min_count=args.min_count,
+                                        llm=ranker, llm_users=args.llm_users)
     report["command"] = command_line()
     if args.out:
         conversation_eval.write_report(report, args.out)

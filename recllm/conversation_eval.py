@@ -190,13 +190,53 @@ def _positions(ranker: ConversationRanker, points):
             [[ranker.pos[i] for i in p.mentioned if i in ranker.pos] for p in points])
 
 
-def evaluate(dialogues_path, movies_path, *, link_to=None, link_interactions=None, seed: int = cv.SPLIT_SEED,
-             cross_fit: bool = False, systems=None, progress: bool = True, limit: int | None = None,
-             fit_retriever: bool = False, min_count: int = RETRIEVER_MIN_COUNT) -> dict:
-    """The whole evaluation; returns the report dict (`write_report` writes it)."""
+def recall_row(hits: np.ndarray) -> dict:
+    """Recall@1/10/50 of per-pair hits (pairs x KS) with their bootstrap interval, and the number of pairs."""
     from recllm import metrics
 
-    started = time.monotonic()
+    boot = metrics.bootstrap(hits)
+    row = {f"recall@{k}": {x: round(float(boot[x][j]), 4) for x in ("mean", "low", "high")}
+           for j, k in enumerate(KS)}
+    row["pairs"] = int(len(hits))
+    return row
+
+
+def vs(hits: np.ndarray, baseline: np.ndarray) -> dict:
+    """The paired bootstrap of the Recall@k differences to `baseline` (same pairs)."""
+    from recllm import metrics
+
+    diff = metrics.bootstrap(hits, baseline)
+    return {f"recall@{k}": {x: round(float(diff[x][j]), 4) for x in ("mean", "low", "high")}
+            for j, k in enumerate(KS)}
+
+
+@dataclass
+class Tuning:
+    """The split, the sources and the tune half's out-of-fold signals: what every system's weights come from."""
+
+    dialogues: list
+    tune: list
+    held: list
+    src: Sources
+    reader: Reader
+    systems: dict  # name -> the signals it may use (those the sources allow)
+    signals: dict  # tune half, out-of-fold (`fold_signals` with FOLDS folds)
+    points: list  # the tune half's eval points, in the order of `signals`' rows
+    probe: ConversationRanker  # a ranker of the catalog ranked (ids, positions, `scores`)
+    fit: dict  # fit_retriever / min_count, as `fold_signals` takes them
+
+    def weights(self, names) -> tuple[dict, dict, float]:
+        """(the tune signals a system uses, its weights chosen on them, the objective reached)."""
+        sub = {k: self.signals[k] for k in names if k in self.signals}
+        weights, tuned = tune_weights(self.probe, sub, *_positions(self.probe, self.points))
+        return sub, weights, tuned
+
+
+def prepare(dialogues_path, movies_path, *, link_to=None, link_interactions=None, seed: int = cv.SPLIT_SEED,
+            systems=None, progress: bool = True, limit: int | None = None, fit_retriever: bool = False,
+            min_count: int = RETRIEVER_MIN_COUNT) -> Tuning:
+    """Read and split the dialogues, load the sources, keep the `systems` they allow, and compute the tune
+    half's out-of-fold signals (the weights of every system are chosen on them, never on the held-out half)."""
     dialogues = cv.read_dialogues(dialogues_path)[:limit]
     tune, held = cv.split_ids(dialogues, seed=seed)
     src = load_sources(movies_path, link_to, link_interactions, progress=progress, dialogues=dialogues)
@@ -209,38 +249,50 @@ def evaluate(dialogues_path, movies_path, *, link_to=None, link_interactions=Non
     if not fit_retriever:
         systems = {k: v for k, v in systems.items() if "retriever" not in v}
     fit = {"fit_retriever": fit_retriever, "min_count": min_count}
-    tune_sig, tune_pts, _ = fold_signals(src, tune, tune, FOLDS, reader, **fit)
-    held_runs = {"strict": fold_signals(src, held, tune, 1, reader, **fit)}
+    signals, points, _ = fold_signals(src, tune, tune, FOLDS, reader, **fit)
+    return Tuning(dialogues, tune, held, src, reader, systems, signals, points, ranker_for(src, tune), fit)
+
+
+def evaluate(dialogues_path, movies_path, *, link_to=None, link_interactions=None, seed: int = cv.SPLIT_SEED,
+             cross_fit: bool = False, systems=None, progress: bool = True, limit: int | None = None,
+             fit_retriever: bool = False, min_count: int = RETRIEVER_MIN_COUNT, llm=None,
+             llm_users: int | None = None) -> dict:
+    """The whole evaluation; returns the report dict (`write_report` writes it). `llm`: an `rank.LLMRanker` that
+    re-ranks the top 20 of "all knowledge" (+ fitted retriever) (`convllm.llm_row`), on at most `llm_users`
+    dialogues of each half."""
+    started = time.monotonic()
+    t = prepare(dialogues_path, movies_path, link_to=link_to, link_interactions=link_interactions, seed=seed,
+                systems=systems, progress=progress, limit=limit, fit_retriever=fit_retriever, min_count=min_count)
+    dialogues, tune, held, src, probe, fit = t.dialogues, t.tune, t.held, t.src, t.probe, t.fit
+    tune_pts = t.points
+    held_runs = {"strict": fold_signals(src, held, tune, 1, t.reader, **fit)}
     if cross_fit:
-        held_runs["cross-fit"] = fold_signals(src, held, dialogues, FOLDS, reader, **fit)
-    probe = ranker_for(src, tune)
-    tpos, texc = _positions(probe, tune_pts)
+        held_runs["cross-fit"] = fold_signals(src, held, dialogues, FOLDS, t.reader, **fit)
     results: dict = {}
     per_pair: dict[str, np.ndarray] = {}
-    for name, names in systems.items():
-        sub = {k: tune_sig[k] for k in names if k in tune_sig}
-        weights, tuned = tune_weights(probe, sub, tpos, texc)
+    for name, names in t.systems.items():
+        sub, weights, tuned = t.weights(names)
         results[name] = {"weights": weights, "tune_objective": round(tuned, 4)}
         for run, (sig, pts, errors) in held_runs.items():
             hpos, hexc = _positions(probe, pts)
             ranks = np.concatenate(target_ranks(probe.scores({k: sig[k] for k in sub}, weights), hpos, hexc)
                                    + [np.full(errors, np.inf)])
             hits = np.stack([(ranks <= k).astype(float) for k in KS], axis=1)
-            boot = metrics.bootstrap(hits)
-            results[name][run] = {f"recall@{k}": {"mean": round(float(boot["mean"][j]), 4),
-                                                  "low": round(float(boot["low"][j]), 4),
-                                                  "high": round(float(boot["high"][j]), 4)}
-                                  for j, k in enumerate(KS)}
-            results[name][run]["pairs"] = int(len(ranks))
+            results[name][run] = recall_row(hits)
             results[name][run]["errors"] = int(errors)
             per_pair[f"{name}|{run}"] = hits
     floor = "popularity floor"
     for key, hits in per_pair.items():
         name, run = key.split("|")
         if name != floor and f"{floor}|{run}" in per_pair:
-            diff = metrics.bootstrap(hits, per_pair[f"{floor}|{run}"])
-            results[name][run]["vs_floor"] = {f"recall@{k}": {x: round(float(diff[x][j]), 4) for x in
-                                                              ("mean", "low", "high")} for j, k in enumerate(KS)}
+            results[name][run]["vs_floor"] = vs(hits, per_pair[f"{floor}|{run}"])
+    if llm is not None:
+        from recllm import convllm
+
+        base = next(n for n in ("all knowledge + fitted retriever", "all knowledge") if n in results)
+        sig, pts, errors = held_runs["strict"]
+        results[f"{base} + LLM"] = convllm.llm_row(t, llm, base, results[base]["weights"], (sig, pts, errors),
+                                                   per_pair, users=llm_users, progress=progress)
     return {
         "protocol": {"turns": "recommender turns bringing up movies not mentioned before (consecutive messages "
                               "of one speaker merged)", "ranking": "whole catalog, already-mentioned movies "
@@ -262,6 +314,11 @@ def evaluate(dialogues_path, movies_path, *, link_to=None, link_interactions=Non
     }
 
 
+def _cells(r: dict, fmt: str = ".3f") -> list[str]:
+    return [f"{r[f'recall@{k}']['mean']:{fmt}} [{r[f'recall@{k}']['low']:{fmt}}, {r[f'recall@{k}']['high']:{fmt}}]"
+            for k in KS]
+
+
 def to_markdown(report: dict) -> str:
     runs = [r for r in ("strict", "cross-fit") if any(r in s for s in report["systems"].values())]
     lines = ["# Conversation evaluation (ReDial dialogues)", "",
@@ -271,11 +328,24 @@ def to_markdown(report: dict) -> str:
         lines += [f"## Held-out, knowledge {run}", "",
                   "| system | R@1 | R@10 | R@50 | pairs | errors |", "|---|---|---|---|---|---|"]
         for name, res in report["systems"].items():
-            r = res[run]
-            cells = [f"{r[f'recall@{k}']['mean']:.3f} [{r[f'recall@{k}']['low']:.3f}, {r[f'recall@{k}']['high']:.3f}]"
-                     for k in KS]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['pairs']} | {r['errors']} |")
+            if run in res:
+                lines.append(f"| {name} | " + " | ".join(_cells(res[run])) + f" | {res[run]['pairs']} | "
+                             f"{res[run]['errors']} |")
         lines.append("")
+    for name, res in report["systems"].items():
+        if "llm" in res:  # the LLM row (`convllm.llm_row`): on its own held-out dialogues
+            r, base = res["strict"], res["base"]
+            who = " + ".join(x for x in (res["llm"].get("model"), res["llm"].get("adapter")) if x)
+            lines += [f"## {name}", "",
+                      f"The LLM ({who}) re-ranks the top {res['llm']['rank_config']['max_candidates']} of {base} at "
+                      f"{r['points']} held-out turns of {r['dialogues']} dialogues; fusion weight "
+                      f"{res['weights']['llm']:g} (LLM share, chosen on {res['tune_points']} tune-half turns); "
+                      f"the user's words shown at {r['query_shown']} of {r['points']} turns; "
+                      f"{r['seconds_per_point']:.2f} s per turn.", "",
+                      "| system (same pairs) | R@1 | R@10 | R@50 | pairs |", "|---|---|---|---|---|",
+                      f"| {name} | " + " | ".join(_cells(r)) + f" | {r['pairs']} |",
+                      f"| {base} | " + " | ".join(_cells(r[f'{base} (same pairs)'])) + f" | {r['pairs']} |",
+                      "| difference | " + " | ".join(_cells(r["vs_base"], "+.3f")) + " | |", ""]
     lines += ["## Published (ReDial test split, mentioned movies excluded)", "", "| system | R@1 | R@10 | R@50 |",
               "|---|---|---|---|"]
     for p in report["published"]:

@@ -103,7 +103,7 @@ class Recommender:
         if self._ranker is None and self.lm is not None:
             from recllm.rank import LLMRanker
 
-            self._ranker = LLMRanker(self.lm, fusion_weight=self._model_args[2])
+            self._ranker = LLMRanker(self.lm, fusion_weight=self._model_args[2], catalog=self.catalog)
         return self._ranker
 
     @property
@@ -234,9 +234,11 @@ class Recommender:
         t0 = time.perf_counter()
         if to_rank and self.ranker is not None:
             try:
+                from recllm.rank import Line
+
                 ranks = self.ranker.rank_many([
-                    ([self.catalog.get(h).label for h in prepared[i].history.ids],
-                     prepared[i].candidates[: self.limits.candidates])
+                    ([Line.of(self.catalog.get(h)) for h in prepared[i].history.ids],
+                     prepared[i].candidates[: self.limits.candidates], prepared[i].request.query)
                     for i in to_rank], deadline=deadline)
                 ranked = dict(zip(to_rank, ranks))
             except RequestTimeout:
@@ -267,7 +269,7 @@ class Recommender:
         recs = [Recommendation(r.candidate.item_id, r.candidate.title, r.fused_score, rank=n)
                 for n, r in enumerate(ranked[: request.k], start=1)]
         if ranked and prompt_order:
-            ranker = self.ranker.describe()
+            ranker = {**self.ranker.describe(), "read_query": self.ranker.reads_query(request.query)}
         else:
             cold = not p.history.ids and not (request.query and request.query.strip())
             ranker = {"model": None, "reason": "the most popular items within the filters (nothing else to go on)"

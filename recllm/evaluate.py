@@ -149,11 +149,16 @@ def llm_ranker(ranker, catalog) -> Ranker:
     """Adapt a `recllm.rank.LLMRanker` to the `Ranker` form: titles from `catalog`, its fused score."""
     from recllm.retrieve import Candidate
 
+    from recllm.rank import Line
+
+    if ranker.catalog is None:
+        ranker.catalog = catalog  # candidates' genres, when the adapter shows them
+
     def rank(requests):
         batch = []
         for history, cands, scores in requests:
-            titles = [catalog.get(i).label for i in history]
-            batch.append((titles, [Candidate(i, catalog.get(i).label, float(s)) for i, s in zip(cands, scores)]))
+            lines = [Line.of(catalog.get(i)) for i in history]
+            batch.append((lines, [Candidate(i, catalog.get(i).label, float(s)) for i, s in zip(cands, scores)]))
         out = []
         for (_, cands, _), ranked in zip(requests, ranker.rank_many(batch)):
             fused = {r.candidate.item_id: r.fused_score for r in ranked}

@@ -36,7 +36,7 @@ import numpy as np
 
 from recllm.errors import AdapterError, InputError, RequestTimeout
 from recllm.llm import LETTERS
-from recllm.prompts import load_prompt, sanitize
+from recllm.prompts import load_prompt, load_sections, sanitize
 
 if TYPE_CHECKING:  # pragma: no cover
     from recllm.llm import LM
@@ -44,6 +44,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DEFAULT_FUSION_WEIGHT = 0.5  # LLM share of the fused score when neither the caller nor the adapter sets one
 RANK_VARIABLES = frozenset({"history", "candidates"})
+CHAT_PROMPT = "rank_chat"  # the rank template that also shows the user's latest words (`query`)
+CHAT_VARIABLES = RANK_VARIABLES | {"query"}
 CALIBRATIONS = ("none", "prior", "reverse", "prior+reverse")
 CONTENT_FREE = "N/A"  # the title of every line of a content-free prompt (letter prior without a catalog)
 PRIOR_PROMPTS = 32  # random-title prompts the letter prior is averaged over
@@ -60,9 +62,30 @@ class RankConfig:
     show_year: bool = False  # keep a trailing " (1995)": SmolLM2 spends 6 tokens on it (digits are single tokens)
     batch_size: int = 8  # prompts per forward pass
     calibration: str = "none"  # letter-bias correction: one of CALIBRATIONS (see module doc)
+    genres: int = 0  # genres shown after each title (0: the title only; prompts/rank_lines.txt [genres])
+    show_band: bool = False  # each candidate's place in the retriever's order (prompts/rank_lines.txt [band])
+    query_chars: int = 300  # the user's words shown by the rank_chat template, cut to this many characters
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "batch_size"}
+
+
+class Line(NamedTuple):
+    """One title as the rank prompt may show it: with genres and, for a candidate, its retriever rank (1-based).
+    Plain strings are accepted wherever a Line is (a title alone)."""
+
+    title: str
+    genres: tuple[str, ...] = ()
+    band: int | None = None
+
+    @classmethod
+    def of(cls, item, band: int | None = None) -> Line:
+        """From a catalog `Item` (its label and genres)."""
+        return cls(item.label, tuple(item.genres), band)
+
+
+def _line(value) -> Line:
+    return value if isinstance(value, Line) else Line(str(value))
 
 
 class LetterScorer(Protocol):
@@ -153,13 +176,20 @@ class LLMRanker:
     """Scores and orders retriever candidates with a causal LM (see module doc)."""
 
     def __init__(self, lm: LM | LetterScorer, prompt: str = "rank", fusion_weight: float | None = None,
-                 config: RankConfig | None = None) -> None:
+                 config: RankConfig | None = None, catalog=None) -> None:
         self.lm = lm
+        self.catalog = catalog  # where candidates' genres come from (`rank_many`), when config.genres asks for them
         meta = lm.adapter_metadata
         if config is None and meta and meta.get("rank_config"):
             config = _config_from(meta["rank_config"])  # prompts built exactly as in training
         self.config = replace(config) if config else RankConfig()  # a copy: adapters may lower limits
         self.prompt = load_prompt(prompt, RANK_VARIABLES)
+        self.lines = load_sections("rank_lines")
+        self.lines_sha256 = load_prompt("rank_lines").sha256  # pinned in adapters that show genres or bands
+        # The user's words are shown only to a model that learned that template: the base model, or an adapter
+        # whose metadata names it (`chat_prompt`, checked against the file at load like `prompt`).
+        chat = (meta or {}).get("chat_prompt", {}).get("name") if meta else CHAT_PROMPT
+        self.chat_prompt = load_prompt(chat, CHAT_VARIABLES) if chat else None
         if meta:
             trained = meta.get("prompt", {}).get("name")
             if trained != self.prompt.name:
@@ -186,18 +216,43 @@ class LLMRanker:
         return {**self.lm.describe(), "prompt": self.prompt.name, "prompt_sha256": self.prompt.sha256,
                 "fusion_weight": self.fusion_weight, "rank_config": self.config.to_dict()}
 
-    def build_prompt(self, history_titles: Sequence[str], candidate_titles: Sequence[str]) -> str:
-        """The exact text the model reads for one user (ends where the candidate letter is expected)."""
+    def build_prompt(self, history_titles: Sequence[str | Line], candidate_titles: Sequence[str | Line],
+                     query: str | None = None) -> str:
+        """The exact text the model reads for one user (ends where the candidate letter is expected).
+
+        Titles are strings or `Line`s (genres and retriever rank shown as `config` asks). `query`: the user's
+        latest words; shown with the rank_chat template when this model knows it (`chat_prompt`), else unused.
+        """
         cfg = self.config
         if not candidate_titles:
             raise InputError("Nothing to rank: no candidates")
         if len(candidate_titles) > cfg.max_candidates:
             raise InputError(f"At most {cfg.max_candidates} candidates per prompt, got {len(candidate_titles)}")
         history = list(history_titles)[-cfg.max_history:] if cfg.max_history > 0 else []
-        history_lines = "\n".join(f"{i}. {self.format_title(t)}" for i, t in enumerate(history, 1))
-        option_lines = "\n".join(f"({LETTERS[i]}) {self.format_title(t)}" for i, t in enumerate(candidate_titles))
-        messages = self.prompt.messages(history=history_lines or "-", candidates=option_lines)
+        history_lines = "\n".join(f"{i}. {self.format_line(t)}" for i, t in enumerate(history, 1))
+        option_lines = "\n".join(f"({LETTERS[i]}) {self.format_line(t, band=True)}"
+                                  for i, t in enumerate(candidate_titles))
+        said = sanitize(query, cfg.query_chars).replace('"', "'") if query and self.chat_prompt else ""
+        if said:
+            messages = self.chat_prompt.messages(query=said, history=history_lines or "-", candidates=option_lines)
+        else:
+            messages = self.prompt.messages(history=history_lines or "-", candidates=option_lines)
         return self.lm.chat_text(messages)
+
+    def reads_query(self, query: str | None) -> bool:
+        """Whether `build_prompt` shows this query to the model."""
+        return bool(self.chat_prompt is not None and query and sanitize(query, self.config.query_chars))
+
+    def format_line(self, value: str | Line, band: bool = False) -> str:
+        """One history or candidate line: the title (`format_title`), then genres / retriever rank per config."""
+        line = _line(value)
+        text = self.format_title(line.title)
+        if self.config.genres and line.genres:
+            genres = ", ".join(sanitize(g, 20) for g in line.genres[: self.config.genres])
+            text = self.lines["genres"].render(title=text, genres=genres)
+        if band and self.config.show_band and line.band is not None:
+            text = self.lines["band"].render(line=text, band=int(line.band))
+        return text
 
     def format_title(self, title: str) -> str:
         """A title as shown in the prompt: year dropped (unless show_year), sanitized, cut to title_chars."""
@@ -205,24 +260,25 @@ class LLMRanker:
             title = _YEAR_RE.sub("", str(title))
         return sanitize(title, self.config.title_chars)
 
-    def score(self, requests: Sequence[tuple[Sequence[str], Sequence[str]]],
-              deadline: float | None = None) -> list[np.ndarray]:
-        """LLM scores per request `(history_titles, candidate_titles)`: float64 arrays, one per candidate (the raw
-        letter scores, or calibrated ones per `config.calibration`, see the module doc).
+    def score(self, requests: Sequence[tuple], deadline: float | None = None) -> list[np.ndarray]:
+        """LLM scores per request `(history_titles, candidate_titles[, query])`: float64 arrays, one per candidate
+        (the raw letter scores, or calibrated ones per `config.calibration`, see the module doc). Candidates
+        come in retriever order: a candidate `Line` without a band gets its place in that order.
 
         All prompts go through the model in padded batches (with "reverse", the reversed prompts too); an empty
         candidate list scores as an empty array.
         Past `deadline` (a `time.monotonic()` value) no further batch is started: `RequestTimeout`.
         """
         mode = self.config.calibration
-        live = [(h, list(c)) for h, c in requests if len(c)]
-        prompts = [self.build_prompt(h, c) for h, c in live]
+        live = [(r[0], _banded(r[1]), r[2] if len(r) > 2 else None) for r in requests if len(r[1])]
+        prompts = [self.build_prompt(h, c, q) for h, c, q in live]
         if "reverse" in mode:
-            prompts += [self.build_prompt(h, c[::-1]) for h, c in live]
+            prompts += [self.build_prompt(h, c[::-1], q) for h, c, q in live]
         letters = self._letter_scores(prompts, deadline)
         prior = self.prior() if "prior" in mode and live else None
         out, row = [], 0
-        for _, candidates in requests:
+        for request in requests:
+            candidates = request[1]
             if not len(candidates):
                 out.append(np.zeros(0))
                 continue
@@ -298,11 +354,13 @@ class LLMRanker:
                 rows[i] = np.asarray(scores[row], dtype=np.float64)
         return rows
 
-    def rank_many(self, requests: Sequence[tuple[Sequence[str], Sequence[Candidate]]],
-                  fusion_weight: float | None = None, deadline: float | None = None) -> list[list[Ranked]]:
-        """`rank` for many users in batched forward passes (`RequestTimeout` past `deadline`, see `score`)."""
-        cut = [list(c)[: self.config.max_candidates] for _, c in requests]
-        scores = self.score([(h, [c.title for c in cands]) for (h, _), cands in zip(requests, cut)], deadline)
+    def rank_many(self, requests: Sequence[tuple], fusion_weight: float | None = None,
+                  deadline: float | None = None) -> list[list[Ranked]]:
+        """`rank` for many users in batched forward passes (`RequestTimeout` past `deadline`, see `score`).
+        A request is `(history titles or Lines, candidates[, query])`; candidates' genres come from `catalog`."""
+        cut = [list(r[1])[: self.config.max_candidates] for r in requests]
+        scores = self.score([(r[0], [self.candidate_line(c, i) for i, c in enumerate(cands)], *r[2:3])
+                             for r, cands in zip(requests, cut)], deadline)
         weight = self.fusion_weight if fusion_weight is None else fusion_weight
         return [self.order(cands, s, weight) for cands, s in zip(cut, scores)]
 
@@ -311,12 +369,25 @@ class LLMRanker:
         """Candidates (the first `max_candidates`, in retriever order) re-ordered by fused score, best first."""
         return self.rank_many([(history_titles, candidates)], fusion_weight)[0]
 
+    def candidate_line(self, candidate: Candidate, position: int) -> Line:
+        """A retrieved candidate as a prompt line: its title, genres (from `catalog`, when shown) and place."""
+        genres = ()
+        if self.config.genres and self.catalog is not None and candidate.item_id in self.catalog:
+            genres = tuple(self.catalog.get(candidate.item_id).genres)
+        return Line(candidate.title, genres, position + 1)
+
     @staticmethod
     def order(candidates: Sequence[Candidate], llm_scores: np.ndarray, weight: float) -> list[Ranked]:
         """Fuse and sort (stable: ties keep the given order)."""
         fused = fuse(llm_scores, [c.score for c in candidates], weight)
         order = sorted(range(len(candidates)), key=lambda i: (-fused[i], i))
         return [Ranked(candidates[i], float(llm_scores[i]), float(fused[i])) for i in order]
+
+
+def _banded(candidates: Sequence[str | Line]) -> list[Line]:
+    """Candidates in retriever order as Lines; one without a band gets its place in that order."""
+    return [line if line.band is not None else line._replace(band=i + 1)
+            for i, line in enumerate(_line(c) for c in candidates)]
 
 
 def ranking_trace(ranked: Sequence[Ranked], prompt_order: Sequence[str] = ()) -> list[dict]:

@@ -59,12 +59,15 @@ class TrainConfig:
     explain_examples: int = 0  # explanation examples (recllm.explain_train) taught to the same adapter (0: none)
     explain_cuts_per_user: int = 2  # explanation examples tried per user (the most recent cuts)
     init_adapter: str = ""  # start the LoRA weights from this adapter folder (e.g. the shipped one)
+    genres: int = 0  # genres shown after each title in the rank prompt (RankConfig.genres; 0: titles only)
+    show_band: bool = False  # show each candidate's retriever rank in the prompt (RankConfig.show_band)
     seed: int = 0  # example order, candidate shuffles, LoRA init
     threads: int = 1  # torch CPU threads (1 is fastest on a busy machine: OpenMP spins on shared cores)
 
     def rank_config(self) -> dict:
+        rich = {"genres": self.genres, "show_band": self.show_band} if self.genres or self.show_band else {}
         return {"max_history": self.max_history, "max_candidates": self.n_candidates,
-                "title_chars": self.title_chars, "show_year": False}
+                "title_chars": self.title_chars, "show_year": False, **rich}
 
 
 def _config_from_dict(values: dict) -> TrainConfig:
@@ -113,10 +116,12 @@ def build_examples(data: split.EvalData, score_fn, titles: list[str], build_prom
         cands = [int(c) for c in cands if c >= 0]
         if target not in cands:
             continue
-        cands = [cands[i] for i in rng.permutation(len(cands))]  # letters uniform over the answer
+        lines = [_banded_line(titles[c], n + 1) for n, c in enumerate(cands)]  # retriever rank before the shuffle
+        shuffle = rng.permutation(len(cands))  # letters uniform over the answer
+        cands, lines = [cands[i] for i in shuffle], [lines[i] for i in shuffle]
         label = cands.index(target)
         letters[label] += 1
-        prompt = build_prompt([titles[i] for i in hist[-cfg.history_len:]], [titles[i] for i in cands])
+        prompt = build_prompt([titles[i] for i in hist[-cfg.history_len:]], lines)
         examples.append((prompt, label, len(cands)))
     tried = len(hists)
     order = rng.permutation(len(examples))
@@ -126,6 +131,13 @@ def build_examples(data: split.EvalData, score_fn, titles: list[str], build_prom
     stats = {"cuts_tried": tried, "true_item_retrieved": int(letters.sum()), "examples": len(examples),
              "retrieved_rate": round(float(letters.sum()) / max(tried, 1), 4)}
     return examples, stats
+
+
+def _banded_line(title, band: int):
+    from recllm.rank import Line
+
+    line = title if isinstance(title, Line) else Line(str(title))
+    return line._replace(band=band)
 
 
 # ---------------------------------------------------------------- scoring a phase
@@ -291,7 +303,7 @@ def train(catalog=None, interactions=None, *, model=None, out: str | Path | None
     """
     from recllm import llm
     from recllm.explain_train import explain_metadata
-    from recllm.rank import LLMRanker, RankConfig
+    from recllm.rank import Line, LLMRanker, RankConfig
 
     cfg = config or TrainConfig()
     t0 = time.monotonic()
@@ -312,7 +324,7 @@ def train(catalog=None, interactions=None, *, model=None, out: str | Path | None
 
     fitted, retriever_dir = _retriever_for(data, catalog, interactions, retriever, work, cfg.seed, progress)
     score_fn = fitted.scores_idx
-    titles = [catalog.get(i).label for i in data.item_ids]
+    titles = [Line.of(catalog.get(i)) for i in data.item_ids]  # title and genres, as the prompt may show them
     base = model if isinstance(model, llm.LM) else llm.load_model(model)
     rank_cfg = RankConfig(**cfg.rank_config())
     ranker = LLMRanker(base, config=rank_cfg)
@@ -392,6 +404,7 @@ def train(catalog=None, interactions=None, *, model=None, out: str | Path | None
         prompt_name=ranker.prompt.name, prompt_sha256=ranker.prompt.sha256, label_scheme="letters",
         max_candidates=cfg.n_candidates, fusion_weight=weight, default=bool(default), seed=cfg.seed,
         rank_config=cfg.rank_config(),
+        prompt_parts=[{"name": "rank_lines", "sha256": ranker.lines_sha256}] if cfg.genres or cfg.show_band else [],
         training_data={
             "catalog": catalog.name, "split": "train (chronological leave-one-out, 5-core)",
             "data_fingerprint": data_fingerprint(data), "users": data.n_users, "items": data.n_items,
@@ -476,6 +489,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default {d.explain_examples}: ranking only)")
     parser.add_argument("--init-adapter", default=None,
                         help="start from this adapter's LoRA weights (a folder or a name under adapters/)")
+    parser.add_argument("--genres", type=int, default=None,
+                        help="show up to N genres after each title in the rank prompt (default: titles only)")
+    parser.add_argument("--show-band", action="store_true", default=None,
+                        help="show each candidate's retriever rank in the rank prompt")
     parser.add_argument("--seed", type=int, default=None, help=f"seed (default {d.seed})")
     parser.add_argument("--no-test", action="store_true", help="skip scoring the test split after training")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -487,7 +504,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for arg, name in (("examples", "max_examples"), ("epochs", "epochs"), ("max_steps", "max_steps"),
                       ("batch_size", "batch_size"), ("lr", "lr"), ("eval_steps", "eval_steps"),
                       ("eval_users", "eval_users"), ("lora_layers", "lora_layers"), ("seed", "seed"),
-                      ("explain_examples", "explain_examples"), ("init_adapter", "init_adapter")):
+                      ("explain_examples", "explain_examples"), ("init_adapter", "init_adapter"),
+                      ("genres", "genres"), ("show_band", "show_band")):
         value = getattr(args, arg, None)
         if value is not None:
             setattr(cfg, name, value)

@@ -111,6 +111,22 @@ def test_result_is_typed_and_the_trace_is_made_from_it(monkeypatch, indexed_home
     json.dumps(result.to_dict(trace=True), default=str)
 
 
+def test_the_ranker_reads_the_users_words_next_to_the_history(monkeypatch, indexed_home, small_catalog_files,
+                                                               tiny_lm):
+    """With a history and a query, the base model's rank prompt carries the query (rank_chat); the trace says so."""
+    monkeypatch.setenv("RECLLM_HOME", str(indexed_home))
+    catalog, interactions = small_catalog_files
+    rec = Recommender(catalog, interactions, lm=tiny_lm, progress=False)
+    seen = []
+    build = rec.ranker.build_prompt
+    monkeypatch.setattr(rec.ranker, "build_prompt", lambda *a, **k: seen.append(build(*a, **k)) or seen[-1])
+    said = rec.recommend(Request(history=["Toy Story", "Heat"], query="something funny", k=5, explain=0))
+    assert said.ranker["read_query"] is True and 'The user said: "something funny"' in seen[-1]
+    quiet = rec.recommend(Request(history=["Toy Story", "Heat"], k=5, explain=0))
+    assert quiet.ranker["read_query"] is False and "The user said" not in seen[-1]
+    assert {r.item_id for r in said.recommendations} <= set(rec.catalog.items)
+
+
 def test_no_history_and_no_explanations_never_load_the_model(monkeypatch, indexed_home, small_catalog_files):
     """A query with no history keeps retriever order and explains from evidence alone; `explain=0` with
     ranker none needs no model either: the language model is never loaded."""

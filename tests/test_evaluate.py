@@ -329,6 +329,8 @@ def test_llm_ranker_adapter_passes_titles_and_returns_fused_scores():
     seen = []
 
     class FakeLLMRanker:  # the part of recllm.rank.LLMRanker the adapter uses
+        catalog = None
+
         def rank_many(self, requests):
             seen.extend(requests)
             out = []
@@ -341,5 +343,6 @@ def test_llm_ranker_adapter_passes_titles_and_returns_fused_scores():
     scores = rank([(["1", "2"], ["3", "4", "5"], [0.3, 0.2, 0.1])])
     assert scores == [[0.0, 1.0, 2.0]]
     titles, cands = seen[0]
-    assert titles == [catalog.get("1").label, catalog.get("2").label]
+    assert [line.title for line in titles] == [catalog.get("1").label, catalog.get("2").label]
+    assert titles[0].genres == catalog.get("1").genres  # shown when the adapter asks for genres
     assert [c.item_id for c in cands] == ["3", "4", "5"] and cands[0].score == 0.3

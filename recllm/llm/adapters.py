@@ -104,16 +104,20 @@ def check_adapter(meta: dict, model_id: str, name: str = "adapter") -> list[str]
     if meta["base_model"] != model_id:
         problems.append(f"Adapter {name} was trained on base model {meta['base_model']!r}, not {model_id!r}: "
                         f"load it with --model {meta['base_model']} or retrain it (--allow-mismatch to force)")
-    prompt_name, sha = meta["prompt"]["name"], meta["prompt"]["sha256"]
-    try:
-        current = load_prompt(prompt_name).sha256
-    except PromptError as exc:
-        current = None
-        problems.append(f"Adapter {name} needs prompt template {prompt_name!r}: {exc}")
-    if current is not None and current != sha:
-        problems.append(f"Adapter {name} was trained with prompt {prompt_name!r} sha256 {sha[:12]}, but the template "
-                        f"now has {current[:12]}: restore that template or retrain the adapter "
-                        f"(--allow-mismatch to force)")
+    # the rank template, and the templates newer adapters also learned (rank_chat, rank_lines)
+    for pinned in [meta["prompt"], meta.get("chat_prompt"), *meta.get("prompt_parts", ())]:
+        if not isinstance(pinned, dict) or not {"name", "sha256"} <= set(pinned):
+            continue
+        prompt_name, sha = pinned["name"], pinned["sha256"]
+        try:
+            current = load_prompt(prompt_name).sha256
+        except PromptError as exc:
+            current = None
+            problems.append(f"Adapter {name} needs prompt template {prompt_name!r}: {exc}")
+        if current is not None and current != sha:
+            problems.append(f"Adapter {name} was trained with prompt {prompt_name!r} sha256 {sha[:12]}, but the "
+                            f"template now has {current[:12]}: restore that template or retrain the adapter "
+                            f"(--allow-mismatch to force)")
     return problems
 
 
