@@ -62,10 +62,10 @@ def _model_name(adapter: str) -> str:
 def score(args) -> None:
     from recllm import evaluate, llm
     from recllm.engine import default_adapter
-    from recllm.rank import LLMRanker
+    from recllm.rank import Line, LLMRanker
 
     catalog, data, ranking, users, top, vals = _inputs(args)
-    titles = [catalog.get(i).label for i in data.item_ids]
+    titles = [Line.of(catalog.get(i)) for i in data.item_ids]  # genres shown when the adapter asks for them
     adapter = default_adapter(None) if args.adapter == "auto" else (None if args.adapter == "none" else args.adapter)
     ranker = LLMRanker(llm.load_model(None, adapter))
     ranker.config.calibration = "none"  # raw logits (whatever the adapter uses): calibrations are applied in `analyse`
@@ -92,7 +92,8 @@ def score(args) -> None:
                 continue
             requests = []
             for u, cands, perm in zip(users, top, perms):
-                shown = [titles[i] for i in cands[perm]]
+                banded = [titles[i]._replace(band=n + 1) for n, i in enumerate(cands)]  # retriever rank
+                shown = [banded[j] for j in perm]
                 requests.append(([titles[i] for i in hists[u][-evaluate.HISTORY_LEN:]],
                                  shown if direction == "fwd" else shown[::-1]))
             t, c = time.monotonic(), time.process_time()

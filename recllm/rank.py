@@ -188,7 +188,7 @@ class LLMRanker:
         self.lines_sha256 = load_prompt("rank_lines").sha256  # pinned in adapters that show genres or bands
         # The user's words are shown only to a model that learned that template: the base model, or an adapter
         # whose metadata names it (`chat_prompt`, checked against the file at load like `prompt`).
-        chat = (meta or {}).get("chat_prompt", {}).get("name") if meta else CHAT_PROMPT
+        chat = (meta.get("chat_prompt") or {}).get("name") if meta else CHAT_PROMPT
         self.chat_prompt = load_prompt(chat, CHAT_VARIABLES) if chat else None
         if meta:
             trained = meta.get("prompt", {}).get("name")

@@ -59,6 +59,10 @@ class TrainConfig:
     explain_examples: int = 0  # explanation examples (recllm.explain_train) taught to the same adapter (0: none)
     explain_cuts_per_user: int = 2  # explanation examples tried per user (the most recent cuts)
     init_adapter: str = ""  # start the LoRA weights from this adapter folder (e.g. the shipped one)
+    dialogues: str = ""  # ReDial-format dialogues (JSONL): also learn to rank from conversations (rank_chat)
+    dialogue_movies: str = ""  # the dialogues' movie catalog (item_id,title)
+    dialogue_link: str = ""  # link that catalog to this one by title + year ("movielens": the bundled one)
+    dialogue_examples: int = 0  # cap on conversation examples (0: every one the tune dialogues give)
     genres: int = 0  # genres shown after each title in the rank prompt (RankConfig.genres; 0: titles only)
     show_band: bool = False  # show each candidate's retriever rank in the prompt (RankConfig.show_band)
     seed: int = 0  # example order, candidate shuffles, LoRA init
@@ -346,6 +350,18 @@ def train(catalog=None, interactions=None, *, model=None, out: str | Path | None
 
         text_examples, explain_stats = examples_for_training(data, catalog, interactions, base, cfg, progress)
 
+    dialogue_stats = None
+    if cfg.dialogues:
+        from recllm.convllm import dialogue_examples
+
+        if not cfg.dialogue_movies:
+            raise InputError("--dialogues needs --dialogue-movies (the dialogues' movie catalog)")
+        talk, dialogue_stats = dialogue_examples(
+            cfg.dialogues, cfg.dialogue_movies, ranker.build_prompt, link_to=cfg.dialogue_link or None,
+            n_candidates=cfg.n_candidates, max_examples=cfg.dialogue_examples, seed=cfg.seed, progress=progress)
+        print(f"recllm: {len(talk)} conversation examples (tune dialogues only)", file=sys.stderr)
+        examples = examples + talk
+
     valid_ranking = evaluate.rank_all(score_fn, data, "valid")
 
     def eval_fn(lm) -> dict:
@@ -417,7 +433,10 @@ def train(catalog=None, interactions=None, *, model=None, out: str | Path | None
         hyperparameters={**asdict(cfg), "lora_target_modules": info["lora"]["target_modules"],
                          "lora_layer_indices": info["lora"]["layers"],
                          "loss": "cross-entropy over candidate-letter logits"},
-        tasks=["rank", "explain"] if text_examples else ["rank"],
+        tasks=["rank"] + (["rank_chat"] if dialogue_stats else []) + (["explain"] if text_examples else []),
+        chat_prompt={"name": ranker.chat_prompt.name, "sha256": ranker.chat_prompt.sha256} if dialogue_stats
+        else None,
+        conversations=dialogue_stats,
         explain=explain_metadata(explain_stats) if text_examples else None,
         metrics={**result_metrics, "eval_history": evals, "best_step_valid_ndcg10": info["best_metric"]},
         training={"global_step": info["global_step"], "best_checkpoint": info["best_checkpoint"],
@@ -489,6 +508,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default {d.explain_examples}: ranking only)")
     parser.add_argument("--init-adapter", default=None,
                         help="start from this adapter's LoRA weights (a folder or a name under adapters/)")
+    parser.add_argument("--dialogues", default=None,
+                        help="also learn to rank from conversations: ReDial-format dialogues (JSONL); only the "
+                             "tune half that eval-conversations never reports on is used")
+    parser.add_argument("--dialogue-movies", default=None, help="the dialogues' movie catalog (item_id,title)")
+    parser.add_argument("--dialogue-link", default=None,
+                        help="link the dialogues' movies to a catalog with genres by title + year (movielens)")
+    parser.add_argument("--dialogue-examples", type=int, default=None,
+                        help="cap on conversation examples (default: all)")
     parser.add_argument("--genres", type=int, default=None,
                         help="show up to N genres after each title in the rank prompt (default: titles only)")
     parser.add_argument("--show-band", action="store_true", default=None,
@@ -505,7 +532,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                       ("batch_size", "batch_size"), ("lr", "lr"), ("eval_steps", "eval_steps"),
                       ("eval_users", "eval_users"), ("lora_layers", "lora_layers"), ("seed", "seed"),
                       ("explain_examples", "explain_examples"), ("init_adapter", "init_adapter"),
-                      ("genres", "genres"), ("show_band", "show_band")):
+                      ("genres", "genres"), ("show_band", "show_band"), ("dialogues", "dialogues"),
+                      ("dialogue_movies", "dialogue_movies"), ("dialogue_link", "dialogue_link"),
+                      ("dialogue_examples", "dialogue_examples")):
         value = getattr(args, arg, None)
         if value is not None:
             setattr(cfg, name, value)

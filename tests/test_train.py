@@ -170,3 +170,29 @@ def test_config_from_args_and_unknown_keys(tmp_path):
     bad.write_text(json.dumps({"learning_rate": 1}))
     with pytest.raises(InputError, match="learning_rate"):
         train.config_from_args(parser.parse_args(["--config", str(bad)]))
+
+
+def test_an_adapter_that_learned_rich_lines_and_conversations_pins_both(tiny_data, tiny_lm, tmp_path):
+    """--genres/--show-band and --dialogues: the prompt shows genres and retriever ranks, conversation examples
+    (rank_chat, tune dialogues only) join the ranking examples, and the metadata pins every template learned."""
+    from test_convllm import write_data
+
+    from recllm.llm.adapters import check_adapter
+    from recllm.prompts import load_prompt
+    from recllm.rank import Line, LLMRanker
+
+    dialogues, movies = write_data(tmp_path)
+    folder = _run(tiny_data, tiny_lm, tmp_path / "adapters" / "rich", tmp_path / "work", genres=2, show_band=True,
+                  dialogues=str(dialogues), dialogue_movies=str(movies), test_metrics=False)
+    meta = llm.read_adapter_metadata(folder)
+    assert meta["rank_config"]["genres"] == 2 and meta["rank_config"]["show_band"] is True
+    assert meta["chat_prompt"] == {"name": "rank_chat", "sha256": load_prompt("rank_chat").sha256}
+    assert meta["prompt_parts"] == [{"name": "rank_lines", "sha256": load_prompt("rank_lines").sha256}]
+    assert meta["tasks"] == ["rank", "rank_chat"] and meta["conversations"]["examples"] > 0
+    assert check_adapter(meta, tiny_lm.model_id) == []
+    ranker = LLMRanker(llm.apply_adapter(tiny_lm, folder))
+    text = ranker.build_prompt([Line("Movie number 1", ("Drama",))], [Line("Movie number 2", ("Drama",), 1)],
+                               query="something sad")
+    assert "Movie number 1 (Drama)" in text and "retriever #1" in text and "something sad" in text
+    with pytest.raises(InputError, match="--dialogue-movies"):
+        _run(tiny_data, tiny_lm, tmp_path / "adapters" / "bad", tmp_path / "work3", dialogues=str(dialogues))
