@@ -18,6 +18,8 @@ With `fit_retriever` (`--fit-retriever`) also the collaborative retriever of `re
 conversations as interactions (`seqrec.fit_on_split` on `split.split_sequences` with a `min_count` core) from
 the same dialogues as the other knowledge: one fit per tuning fold, one on the tune half for the held-out
 figures (and one per fold for cross-fit), so no figure comes from a retriever that saw its dialogue.
+With an LLM (`--llm`) also "all knowledge + LLM": the LLM reads the conversation and re-ranks that system's
+top 20 (`convllm.llm_row`; its fusion weight chosen on the tune half's out-of-fold turns).
 """
 
 from __future__ import annotations
@@ -345,7 +347,9 @@ def to_markdown(report: dict) -> str:
                       "| system (same pairs) | R@1 | R@10 | R@50 | pairs |", "|---|---|---|---|---|",
                       f"| {name} | " + " | ".join(_cells(r)) + f" | {r['pairs']} |",
                       f"| {base} | " + " | ".join(_cells(r[f'{base} (same pairs)'])) + f" | {r['pairs']} |",
-                      "| difference | " + " | ".join(_cells(r["vs_base"], "+.3f")) + " | |", ""]
+                      "| difference | " + " | ".join(_cells(r["vs_base"], "+.3f")) + " | |",
+                      "| (the LLM's order alone, w = 1; not a choice) | " + " | ".join(_cells(r["llm_alone"]))
+                      + f" | {r['pairs']} |", ""]
     lines += ["## Published (ReDial test split, mentioned movies excluded)", "", "| system | R@1 | R@10 | R@50 |",
               "|---|---|---|---|"]
     for p in report["published"]:

@@ -144,7 +144,10 @@ def llm_row(t: ce.Tuning, ranker, base: str, weights: dict, held_run: tuple, per
            "strict": {**ce.recall_row(hits), "errors": int(extra), "points": len(held.points),
                       "dialogues": len(chosen), "query_shown": int(held.shown),
                       "seconds_per_point": round(held.seconds / max(1, len(held.points)), 3),
-                      f"{base} (same pairs)": ce.recall_row(same(base)), "vs_base": ce.vs(hits, same(base))}}
+                      f"{base} (same pairs)": ce.recall_row(same(base)), "vs_base": ce.vs(hits, same(base)),
+                      # for reading only (never chosen on): the LLM's own order of the top 20 (w = 1)
+                      "llm_alone": ce.recall_row(_hits(np.concatenate([held.ranks(probe, 1.0),
+                                                                        np.full(extra, np.inf)])))}}
     if "popularity floor|strict" in per_pair:
         row["strict"]["vs_floor"] = ce.vs(hits, same("popularity floor"))
     return row

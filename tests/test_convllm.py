@@ -122,7 +122,7 @@ def test_eval_conversations_llm_row(tmp_path, capsys, monkeypatch, tiny_base):
     assert strict["points"] == 12 and strict["pairs"] == 12 and strict["errors"] == 0
     assert strict["query_shown"] == 12  # the base model reads the seeker's words
     assert strict["recall@50"]["mean"] == 1.0  # 8 movies: every target stays in the top 50
-    assert {"vs_floor", "vs_base", "all knowledge (same pairs)"} <= set(strict)
+    assert {"vs_floor", "vs_base", "all knowledge (same pairs)", "llm_alone"} <= set(strict)
     assert strict["seconds_per_point"] > 0
     md = (tmp_path / "report" / "report.md").read_text()
     assert "## all knowledge + LLM" in md and "fusion weight" in md
