@@ -186,7 +186,16 @@ def assert_same_structure(lm, prompt: str, benign: str, max_value: int) -> None:
 def assert_rank_prompt(ranker: LLMRanker, prompt: str, n_history: int, n_options: int) -> None:
     """A rank prompt with exactly `n_history` numbered history lines and the option lines (A).. of `n_options`
     candidates, nothing else changed."""
-    benign = ranker.build_prompt(["VALUE"] * n_history, ["VALUE"] * n_options)
+    said = 'The user said: "'
+    if said in prompt:  # the user's words (rank_chat): one clean quoted line of at most query_chars, checked alone
+        benign = ranker.build_prompt(["VALUE"] * n_history, ["VALUE"] * n_options, query="VALUE")
+        line = next(line for line in prompt.split("\n") if line.startswith(said))
+        value = line[len(said):-1]
+        assert line.endswith('"') and '"' not in value and len(value) <= ranker.config.query_chars, line
+        assert not CONTROL_RE.search(value) and not has_role_tag(value) and not re.search(r"\([A-Z]\)", value)
+        prompt = prompt.replace(line, f'{said}VALUE"')
+    else:
+        benign = ranker.build_prompt(["VALUE"] * n_history, ["VALUE"] * n_options)
     assert_same_structure(ranker.lm, prompt, benign, ranker.config.title_chars)
     options = [line[:4] for line in prompt.split("\n") if re.match(r"\([A-Z]\) ", line)]
     assert options == [f"({LETTERS[i]}) " for i in range(n_options)]
