@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--adapters", nargs="+", required=True, help="adapter names or folders ('none': untuned)")
     parser.add_argument("--users", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--retriever", default=None, help="fitted retriever folder (default: the shipped one)")
+    parser.add_argument("--retriever", default="recllm/data/retrievers/ml-latest-small", help="fitted retriever folder")
     args = parser.parse_args(argv)
 
     catalog, interactions = split.load_inputs(None, None)
