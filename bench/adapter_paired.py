@@ -4,7 +4,7 @@
     python bench/adapter_paired.py --scores WORK/scores-test.npz --adapter adapters/NAME [--write]
 
 Prints retriever vs fused NDCG@10 (all test users, the adapter's fusion weight) and the paired difference with its
-95% interval and p-values (`train.paired_gain`); `--write` adds it to the adapter's metadata (metrics.test).
+95% interval and p-values (`fusion.paired_gain`); `--write` adds it to the adapter's metadata (metrics.test).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 
 
 def main(argv=None) -> int:
-    from recllm import evaluate, llm, seqrec, split, train
+    from recllm import evaluate, fusion, llm, seqrec, split
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scores", required=True, help="scores-test.npz from the training work folder")
@@ -32,10 +32,10 @@ def main(argv=None) -> int:
     saved = np.load(args.scores)
     users = [int(u) for u in saved["users"]]
     keep = [np.isfinite(row) for row in saved["llm"]]
-    scores = train.PhaseScores("test", ranking, users, [r[k] for r, k in zip(saved["retriever"], keep)],
+    scores = fusion.PhaseScores("test", ranking, users, [r[k] for r, k in zip(saved["retriever"], keep)],
                                [r[k] for r, k in zip(saved["llm"], keep)])
     weight = float(meta["fusion_weight"])
-    found = train.phase_metrics(scores, data, weight)
+    found = fusion.phase_metrics(scores, data, weight)
     out = {"adapter": Path(args.adapter).name, "fusion_weight": weight, "users": found["users"],
            "retriever_ndcg@10": round(found["retriever"]["ndcg@10"], 4), "fused_ndcg@10": round(found["fused"]["ndcg@10"], 4),
            "paired_ndcg@10": found["paired_ndcg@10"]}

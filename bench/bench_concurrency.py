@@ -14,7 +14,6 @@ scheduler (each thread runs its own model calls, as before issue 14). `run(rec, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -129,15 +128,13 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", action="store_true", help="also time the threads without the scheduler")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    from bench_rank import print_result  # bench/ is on sys.path when this script runs
+
     from recllm.engine import Recommender
 
     rec = Recommender(progress=False)
     result = run(rec, args.threads, k=args.k, explain=args.explain, rounds=args.rounds, baseline=args.baseline)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        for name, value in result.items():
-            print(f"{name:32} {value}")
+    print_result(result, args.json, width=32)
     return 0
 
 

@@ -291,12 +291,17 @@ def main(argv=None) -> int:
             run["speed_ratio_cpu"] = round(run["cpu_s_median"] / statistics.median(single_cpu), 1)
         emit()
 
-    if args.json:
+    print_result(result, args.json)
+    return 0
+
+
+def print_result(result: dict, as_json: bool, width: int = 34) -> None:
+    """A bench's figures on stdout: one JSON object, or one `name value` line each."""
+    if as_json:
         print(json.dumps(result, indent=2))
     else:
         for key, value in result.items():
-            print(f"{key:34s} {value}")
-    return 0
+            print(f"{key:{width}s} {value}")
 
 
 if __name__ == "__main__":

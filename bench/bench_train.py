@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     from recllm import llm, seqrec
     from recllm.catalog import load_catalog, load_interactions
     from recllm.rank import DEFAULT_FUSION_WEIGHT, LLMRanker, RankConfig
-    from recllm.train import PhaseScores, phase_metrics, score_phase
+    from recllm.fusion import PhaseScores, phase_metrics, score_phase
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

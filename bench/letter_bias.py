@@ -10,7 +10,7 @@ seconds (a pass already there is skipped: a run cut short resumes), the priors t
 Step 2, `analyse` (seconds): per model, order and calibration: the winning-letter histogram (max and min count
 over the uniform count, chi-square p against uniform), LLM-only NDCG@10 among the candidates (random order:
 0.2272) by the true item's position in the prompt, the fusion weight re-chosen on this phase
-(`train.choose_fusion_weight`) and NDCG@10 over all users with its paired bootstrap against the retriever (the
+(`fusion.choose_fusion_weight`) and NDCG@10 over all users with its paired bootstrap against the retriever (the
 weight is chosen on the same users: optimistic), the wall seconds per user. Priors: "na" and "titles" (above),
 "data" (the mean over the users' own shuffled prompts, see `_data_prior`). Writes <out>/analysis-<phase>.json
 and prints a Markdown table.
@@ -40,7 +40,7 @@ VARIANTS = (("none", "none", None), ("prior", "prior", "na"), ("prior(titles)", 
 
 
 def _inputs(args):
-    from recllm import evaluate, split, train
+    from recllm import evaluate, fusion, split
     from recllm.seqrec import CollaborativeRetriever
 
     catalog, interactions = split.load_inputs(args.catalog, args.interactions)
@@ -51,7 +51,7 @@ def _inputs(args):
     users = np.flatnonzero(ranking.ranks <= evaluate.N_CANDIDATES)
     if args.users and len(users) > args.users:
         users = np.sort(np.random.default_rng(0).choice(users, args.users, replace=False))
-    top, vals = train.retrieve(fitted.scores_idx, [hists[u] for u in users], evaluate.N_CANDIDATES)
+    top, vals = fusion.retrieve(fitted.scores_idx, [hists[u] for u in users], evaluate.N_CANDIDATES)
     return catalog, data, ranking, users, top, vals
 
 
@@ -154,7 +154,7 @@ def _data_prior(shuffled: dict, cross_fit: bool) -> np.ndarray:
 def analyse(args) -> None:
     from scipy.stats import chisquare
 
-    from recllm import metrics, train
+    from recllm import fusion, metrics
 
     catalog, data, ranking, users, top, vals = _inputs(args)
     results = []
@@ -183,9 +183,9 @@ def analyse(args) -> None:
                 by_pos = {f"{chr(65 + lo)}-{chr(65 + lo + 4)}": round(float(ndcg[(true_pos >= lo) & (true_pos < lo + 5)]
                                                                             .mean()), 4)
                           for lo in (0, 5, 10, 15) if ((true_pos >= lo) & (true_pos < lo + 5)).any()}
-                phase_scores = train.PhaseScores(args.phase, ranking, [int(u) for u in users],
+                phase_scores = fusion.PhaseScores(args.phase, ranking, [int(u) for u in users],
                                                  [np.asarray(v, dtype=np.float64) for v in vals], list(by_cand))
-                weight, grid = train.choose_fusion_weight(phase_scores, data)
+                weight, grid = fusion.choose_fusion_weight(phase_scores, data)
                 fused = phase_scores.ranks(data, weight)
                 paired = metrics.bootstrap(metrics.per_user(fused, "ndcg", 10),
                                            metrics.per_user(ranking.ranks, "ndcg", 10))

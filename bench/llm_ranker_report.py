@@ -6,7 +6,7 @@ retriever order, as served; forward and reversed passes; the letter priors), so 
 own bounded process. Each system here turns them into scores exactly as `LLMRanker` with that
 `RankConfig.calibration` does (`rank.calibrate`, then `rank.fuse` with the retriever's scores; the equality is
 tested in tests/test_rank.py) with a fusion weight chosen on VALIDATION (`bench/letter_bias.py analyse`, which
-calls `train.choose_fusion_weight`), and `evaluate.run_eval` ranks, scores and compares them.
+calls `fusion.choose_fusion_weight`), and `evaluate.run_eval` ranks, scores and compares them.
 
     python bench/llm_ranker_report.py --system adapter:none:0.2 --system adapter:prior:0.6 --out docs/eval/llm-ranker
 """

@@ -8,7 +8,7 @@ model knows it).
 
 Eval (`llm_row`): the LLM re-ranks the top `max_candidates` (20) of a system per held-out point (strict run);
 `fused = rank.fuse(llm, system scores of those candidates, w)`, items below keep their order. w comes from
-`train.FUSION_GRID`, chosen on the tune half's out-of-fold points (mean Recall@1 and @10, the cutoffs a top-20
+`fusion.FUSION_GRID`, chosen on the tune half's out-of-fold points (mean Recall@1 and @10, the cutoffs a top-20
 re-ranking moves; ties: the smaller w), never on held-out points. `users` caps the dialogues scored in each half
 (a fixed seed), for speed; the row's figures and its comparisons are on those held-out dialogues only.
 
@@ -97,7 +97,7 @@ def _hits(ranks: np.ndarray) -> np.ndarray:
 
 def choose_weight(scored: Scored, probe, grid=None) -> tuple[float, dict]:
     """The fusion weight with the best mean Recall@OBJECTIVE (ties: the smaller weight) and the whole grid."""
-    from recllm.train import FUSION_GRID
+    from recllm.fusion import FUSION_GRID
 
     grid = FUSION_GRID if grid is None else grid
     table = {w: float(np.mean([(scored.ranks(probe, w) <= k).mean() for k in OBJECTIVE])) for w in grid}

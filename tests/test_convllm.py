@@ -86,7 +86,7 @@ def tiny_base(monkeypatch, tiny_lm):
 def test_eval_conversations_llm_row(tmp_path, capsys, monkeypatch, tiny_base):
     from recllm.cli import main
     from recllm.rank import LLMRanker
-    from recllm.train import FUSION_GRID
+    from recllm.fusion import FUSION_GRID
 
     dialogues, movies = write_data(tmp_path, 40)
     tune, held = cv.split_ids(cv.read_dialogues(dialogues))
